@@ -1,0 +1,3 @@
+from cvgl.cli import main
+
+raise SystemExit(main())

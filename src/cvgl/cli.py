@@ -1,0 +1,148 @@
+"""``cvgl`` command line: thin — parses arguments, calls the library, prints one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cvgl.errors import CvglError
+
+
+def _size(text: str) -> tuple[int, int]:
+    parts = [int(p) for p in text.lower().replace("x", ",").split(",")]
+    return (parts[0], parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+
+
+def _bands(text: str) -> tuple[int, ...]:
+    return tuple(int(b) for b in text.split(","))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cvgl.models.encoder import DEFAULT_PRESET, PRESETS
+    from cvgl.zeroshot.alignment import DEFAULT_KIND
+
+    parser = argparse.ArgumentParser(prog="cvgl", description="Cross-view geo-localization.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def encoder_args(p: argparse.ArgumentParser, default_preset: str | None) -> None:
+        p.add_argument("--encoder", default=default_preset, choices=sorted(PRESETS), help="zero-shot recipe")
+        p.add_argument("--weights", default="embedded", help="embedded | PATH (.safetensors/.pth) | hub:<arch>")
+        p.add_argument("--input-size", type=_size, default=None, help="H[,W] in pixels, multiples of 14")
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+    p = sub.add_parser("index", help="encode a GeoTIFF or a tile folder into a reference index")
+    p.add_argument("source", type=Path, help="GeoTIFF, or a folder of tiles with tiles.csv (id,lat,lon)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--csv", type=Path, default=None, help="tile CSV when SOURCE is a folder")
+    p.add_argument("--tile-m", type=float, default=112.0, help="tile side on the ground, metres")
+    p.add_argument("--stride-m", type=float, default=56.0)
+    p.add_argument("--gsd", type=float, default=0.5, help="target ground sample distance, metres")
+    p.add_argument("--bands", type=_bands, default=None, help="1-based bands, e.g. 5,3,2")
+    p.add_argument("--alignment", default=DEFAULT_KIND, choices=["none", "center", "pca-whiten"])
+    p.add_argument("--batch-size", type=int, default=16)
+    encoder_args(p, DEFAULT_PRESET)
+
+    p = sub.add_parser("locate", help="locate photos against an index")
+    p.add_argument("index", type=Path)
+    p.add_argument("images", type=Path, nargs="+")
+    p.add_argument("--view", default="drone", choices=["drone", "street", "aerial"])
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", type=Path, default=None, help="write results here (else stdout)")
+    p.add_argument("--map", type=Path, default=None, help="write an HTML map here")
+    p.add_argument("--grid", type=Path, default=None, help="write a PNG retrieval grid here")
+    p.add_argument("--heading", type=float, default=None, help="camera heading, degrees clockwise from north")
+    p.add_argument("--pitch", type=float, default=None, help="camera pitch from nadir, degrees (0 = straight down)")
+    p.add_argument("--altitude", type=float, default=None, help="height above ground, metres")
+    p.add_argument("--hfov", type=float, default=None, help="horizontal field of view, degrees")
+    p.add_argument("--rotations", type=int, default=8, help="heading hypotheses when the heading is unknown")
+    encoder_args(p, None)
+
+    p = sub.add_parser("demo", help="index Longmont (WV3), locate simulated drone photos (WV2)")
+    p.add_argument("--out", type=Path, default=Path("demo_out"))
+    p.add_argument("--per-family", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    return parser
+
+
+def _encoder(args: argparse.Namespace, preset: str):
+    from cvgl.models.encoder import create_encoder
+
+    return create_encoder(preset, args.weights, args.input_size)
+
+
+def _threads(args: argparse.Namespace) -> None:
+    import torch
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from cvgl.data.raster import TilingSpec
+    from cvgl.index.build import build_index
+
+    spec = TilingSpec(tile_m=args.tile_m, stride_m=args.stride_m, gsd_m=args.gsd, bands=args.bands)
+    encoder = _encoder(args, args.encoder)
+    out = build_index(args.source, args.out, encoder, spec, args.alignment, args.csv, args.batch_size)
+    print(f"indexed {args.source} -> {out}")
+    return 0
+
+
+def cmd_locate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from cvgl.data.images import load_image
+    from cvgl.index.store import open_index
+    from cvgl.io import write_json_atomic
+    from cvgl.locate import LocateOptions, locate_images
+    from cvgl.report import write_visuals
+
+    manifest_index = open_index(args.index)
+    preset = args.encoder or manifest_index.manifest["encoder"]["preset"]
+    encoder = _encoder(args, preset)
+    manifest_index.check_encoder(encoder.identity)
+    options = LocateOptions(
+        view=args.view, top_k=args.top_k, heading_deg=args.heading, pitch_deg=args.pitch,
+        altitude_m=args.altitude, hfov_deg=args.hfov, rotations=args.rotations,
+    )
+    results, scores, _ = locate_images(args.images, encoder, manifest_index, options)
+    if args.json:
+        write_json_atomic(args.json, results)
+    else:
+        for result in results:
+            print(json.dumps(result))
+    if args.map or args.grid:
+        images = []
+        for result in results:
+            images.append(None if "error" in result else np.asarray(load_image(result["query"])))
+        out = (args.map or args.grid).parent
+        write_visuals(out, results, scores, manifest_index, images,
+                      map_name=(args.map or out / "map.html").name, grid_name=(args.grid or out / "grid.png").name)
+    failed = [r for r in results if "error" in r]
+    for r in failed:
+        print(f"skipped: {r['error']}", file=sys.stderr)
+    return 0 if len(failed) < len(results) else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cvgl.demo import run_demo
+
+    run_demo(args.out, per_family=args.per_family, seed=args.seed)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _threads(args)
+    handlers = {"index": cmd_index, "locate": cmd_locate, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except CvglError as exc:
+        print(f"cvgl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,1 @@
+"""Reading user imagery and camera metadata, and the warps relating drone photos to orthophotos."""

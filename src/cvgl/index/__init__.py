@@ -1,0 +1,1 @@
+"""Reference indexes: build (encode a source) and store (faiss + Parquet + manifest)."""

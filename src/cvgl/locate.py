@@ -1,0 +1,223 @@
+"""``cvgl locate``: photo -> (lat, lon, confidence, evidence) against a reference index.
+
+Per photo:
+
+1. load it (EXIF orientation applied) and read what the camera knows (EXIF GPS, DJI XMP);
+2. make it look like a reference tile: rectify a known pitch to nadir, rotate a known heading to
+   north-up, scale by altitude + field of view to the index's ground sample distance, crop the
+   tile footprint. Command-line values override metadata;
+3. for what is unknown, search: headings every ``360/rotations`` degrees (and a few crop scales
+   when the altitude is unknown). Each hypothesis is encoded, aligned and scored against every
+   tile; a tile's score is its best hypothesis, and the winning hypothesis is reported;
+4. answer: the position is the softmax-weighted mean of the tiles near the best one, and the
+   confidence is the softmax mass within that radius — high when the evidence agrees on one
+   place, low when similar scores are spread over the map.
+
+The reported ``lat``/``lon`` is the ground point at the photo's centre (what the photo shows).
+When pitch, heading and altitude are all known we also give ``camera_lat``/``camera_lon``, the
+drone's own position, and ``error_m`` (against EXIF GPS, which records the camera) uses it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cvgl.data.geometry import (
+    DEFAULT_HFOV_DEG,
+    center_crop,
+    hfov_from_focal_35mm,
+    rectify_tilt,
+    rotate_image,
+    scale_image,
+)
+from cvgl.data.images import load_image
+from cvgl.data.metadata import CameraMetadata, read_camera_metadata
+from cvgl.errors import CvglError
+from cvgl.geo import geodesic_distance_m, offset_latlon
+from cvgl.index.store import ReferenceIndex
+from cvgl.models.encoder import Encoder
+
+VIEWS = ("drone", "street", "aerial")
+
+
+@dataclass(frozen=True)
+class LocateOptions:
+    view: str = "drone"
+    top_k: int = 5
+    heading_deg: float | None = None  # overrides metadata; clockwise from north
+    pitch_deg: float | None = None  # from nadir; overrides metadata
+    altitude_m: float | None = None  # above ground; overrides metadata
+    hfov_deg: float | None = None  # overrides the value derived from EXIF focal length
+    rotations: int = 8  # heading hypotheses when the heading is unknown
+    scales: tuple[float, ...] = (1.0,)  # crop-size hypotheses when the altitude is unknown
+    temperature: float = 0.02  # softmax temperature on cosine scores, for confidence
+    batch_size: int = 16
+
+
+@dataclass
+class Hypothesis:
+    image: np.ndarray
+    heading_deg: float
+    scale: float
+
+
+@dataclass
+class PreparedQuery:
+    """What we know about one photo before matching, and the views to encode."""
+
+    name: str
+    hypotheses: list[Hypothesis]
+    heading_source: str  # flag | metadata | search | assumed-north
+    pitch_deg: float
+    altitude_m: float | None
+    meta: CameraMetadata
+
+
+def _known(flag: float | None, meta_value: float | None) -> tuple[float | None, str]:
+    if flag is not None:
+        return flag, "flag"
+    if meta_value is not None:
+        return meta_value, "metadata"
+    return None, ""
+
+
+def prepare_query(
+    path: Path, options: LocateOptions, tile_m: float | None, gsd_m: float | None
+) -> PreparedQuery:
+    """Load a photo and turn it into the reference's geometry (or hypotheses of it)."""
+    image = np.asarray(load_image(path))
+    meta = read_camera_metadata(path)
+    if options.view != "drone":
+        # Street and aerial photos are used as they are; aerial ones are assumed north-up
+        # unless a heading is given.
+        heading, source = _known(options.heading_deg, None)
+        heading = heading if heading is not None else 0.0
+        rotated = rotate_image(image, heading) if heading else image
+        return PreparedQuery(str(path), [Hypothesis(rotated, heading, 1.0)], source or "assumed-north", 0.0, None, meta)
+
+    hfov = options.hfov_deg or hfov_from_focal_35mm(meta.focal_length_35mm, DEFAULT_HFOV_DEG)
+    pitch, _ = _known(options.pitch_deg, meta.pitch_from_nadir_deg)
+    pitch = float(pitch or 0.0)
+    if pitch > 1.0:
+        image = rectify_tilt(image, pitch, hfov)
+    altitude, _ = _known(options.altitude_m, meta.relative_altitude_m)
+    heading, heading_source = _known(options.heading_deg, meta.heading_deg)
+
+    height, width = image.shape[:2]
+    side = min(height, width)
+    crops: list[tuple[np.ndarray, float]] = []
+    if altitude is not None and tile_m and gsd_m:
+        # Rectification keeps the photo-centre resolution, set by the slant range to the centre.
+        slant = altitude / math.cos(math.radians(pitch))
+        photo_gsd = slant * 2.0 * math.tan(math.radians(hfov) / 2.0) / width
+        scaled = scale_image(image, photo_gsd / gsd_m)
+        tile_px = int(round(tile_m / gsd_m))
+        crop = min(tile_px, *scaled.shape[:2])
+        crops.append((center_crop(scaled, crop), 1.0))
+    else:
+        for scale in options.scales:
+            crops.append((center_crop(image, max(14, int(round(side * min(scale, 1.0))))), scale))
+
+    if heading is not None:
+        angles = [float(heading)]
+    else:
+        heading_source = "search"
+        angles = [i * 360.0 / options.rotations for i in range(options.rotations)]
+    hypotheses = [Hypothesis(rotate_image(crop, angle) if angle else crop, angle, scale) for crop, scale in crops for angle in angles]
+    return PreparedQuery(str(path), hypotheses, heading_source, pitch, altitude, meta)
+
+
+def softmax(x: np.ndarray, temperature: float) -> np.ndarray:
+    z = (x - x.max()) / temperature
+    e = np.exp(z)
+    return e / e.sum()
+
+
+def answer(
+    query: PreparedQuery, tile_scores: np.ndarray, best_hypothesis: np.ndarray, index: ReferenceIndex, options: LocateOptions
+) -> dict:
+    """Turn per-tile scores into the JSON answer (position, confidence, evidence)."""
+    tiles = index.tiles
+    lat, lon = tiles["lat"].to_numpy(), tiles["lon"].to_numpy()
+    order = np.argsort(-tile_scores, kind="stable")[: options.top_k]
+    best = int(order[0])
+    tile_m = index.manifest.get("tile_m") or _spacing_m(lat, lon)
+    radius = tile_m / math.sqrt(2.0)  # the tile half-diagonal
+    weights = softmax(tile_scores, options.temperature)
+    near = geodesic_distance_m(lat[best], lon[best], lat, lon) <= radius
+    w = weights * near
+    est_lat = float((w * lat).sum() / w.sum())
+    est_lon = float((w * lon).sum() / w.sum())
+    hyp = query.hypotheses[int(best_hypothesis[best])]
+    result: dict = {
+        "query": query.name,
+        "lat": est_lat,
+        "lon": est_lon,
+        "confidence": float(w.sum()),
+        "heading_deg": float(hyp.heading_deg % 360.0),
+        "heading_source": query.heading_source,
+        "pitch_deg": query.pitch_deg,
+        "top_k": [
+            {"tile_id": str(tiles["tile_id"].iloc[i]), "lat": float(lat[i]), "lon": float(lon[i]), "score": float(tile_scores[i])}
+            for i in order
+        ],
+    }
+    camera = (est_lat, est_lon)
+    if query.pitch_deg > 1.0 and query.altitude_m is not None and query.heading_source != "search":
+        # The photo centre lies altitude*tan(pitch) ahead of the camera along the heading.
+        ahead = query.altitude_m * math.tan(math.radians(query.pitch_deg))
+        back = math.radians(hyp.heading_deg)
+        camera = offset_latlon(est_lat, est_lon, -ahead * math.sin(back), -ahead * math.cos(back))
+        result["camera_lat"], result["camera_lon"] = float(camera[0]), float(camera[1])
+    if query.meta.gps_lat is not None and query.meta.gps_lon is not None:
+        result["true_lat"], result["true_lon"] = query.meta.gps_lat, query.meta.gps_lon
+        result["error_m"] = float(geodesic_distance_m(camera[0], camera[1], query.meta.gps_lat, query.meta.gps_lon))
+    return result
+
+
+def _spacing_m(lat: np.ndarray, lon: np.ndarray) -> float:
+    """Typical distance between neighbouring tiles (for indexes without a tile size)."""
+    if len(lat) < 2:
+        return 100.0
+    d = geodesic_distance_m(lat[:, None], lon[:, None], lat[None, :], lon[None, :])
+    np.fill_diagonal(d, np.inf)
+    return float(np.median(d.min(1)))
+
+
+def score_query(query: PreparedQuery, encoder: Encoder, index: ReferenceIndex, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-tile best score over hypotheses, and which hypothesis gave it."""
+    descriptors = encoder.encode([h.image for h in query.hypotheses], batch_size=batch_size)
+    scores = index.scores(descriptors)  # [H, N]
+    return scores.max(0), scores.argmax(0)
+
+
+def locate_images(
+    paths: list[Path], encoder: Encoder, index: ReferenceIndex, options: LocateOptions, progress: bool = True
+) -> tuple[list[dict], list[np.ndarray | None], list[PreparedQuery | None]]:
+    """Locate each photo; a bad photo becomes ``{"query", "error"}`` and the batch goes on."""
+    from tqdm import tqdm
+
+    if options.view not in VIEWS:
+        raise ValueError(f"view must be one of {VIEWS}")
+    tile_m = index.manifest.get("tile_m")
+    gsd_m = (index.manifest.get("tiling") or {}).get("gsd_m")
+    results: list[dict] = []
+    all_scores: list[np.ndarray | None] = []
+    prepared: list[PreparedQuery | None] = []
+    for path in tqdm(paths, desc="locating", unit="photo", disable=not progress):
+        try:
+            query = prepare_query(Path(path), options, tile_m, gsd_m)
+            tile_scores, best_hyp = score_query(query, encoder, index, options.batch_size)
+        except CvglError as exc:
+            results.append({"query": str(path), "error": str(exc)})
+            all_scores.append(None)
+            prepared.append(None)
+            continue
+        results.append(answer(query, tile_scores, best_hyp, index, options))
+        all_scores.append(tile_scores)
+        prepared.append(query)
+    return results, all_scores, prepared

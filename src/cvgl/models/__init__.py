@@ -1,0 +1,1 @@
+"""Encoders: backbone + head (+ projection)."""

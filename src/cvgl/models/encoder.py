@@ -1,0 +1,191 @@
+"""Encoder = backbone + head, and the one factory that builds encoders by preset name.
+
+An encoder's *identity* (preset, architecture, weights hash, input size, normalisation, head
+recipe) is written into every index manifest; opening an index with an encoder whose identity
+differs is an error (:class:`cvgl.errors.IndexMismatchError`), never a silent mismatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from cvgl.models.backbone import PATCH, DinoV2, build_backbone
+from cvgl.models.heads import HeadConfig, PoolingHead, PoolSpec
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class EncoderPreset:
+    """A named zero-shot recipe: head + input size. Weights are chosen separately."""
+
+    name: str
+    head: HeadConfig
+    input_size: tuple[int, int] = (224, 224)  # (height, width); both multiples of 14
+    description: str = ""
+
+
+def _gem(layer: int, signed: str = "clamp", weight: float = 1.0) -> PoolSpec:
+    return PoolSpec(kind="gem", layer=layer, signed=signed, weight=weight)
+
+
+PRESETS: dict[str, EncoderPreset] = {
+    p.name: p
+    for p in [
+        EncoderPreset("cls", HeadConfig((PoolSpec(kind="cls", layer=-1),)), description="last-layer class token"),
+        EncoderPreset("gem", HeadConfig((_gem(-1),)), description="GeM p=3 (clamped) over last-layer patches"),
+        EncoderPreset(
+            "swrmac",
+            HeadConfig((PoolSpec(kind="swrmac", layer=-1, levels=(1, 2, 3), level_power=6.0),)),
+            description="Scale-Weighted R-MAC, levels 1-3, weight 1/l^6, last layer",
+        ),
+        EncoderPreset(
+            "vfmloc-ref",
+            HeadConfig((_gem(-1), PoolSpec(kind="swrmac", layer=-1, levels=(1, 2), level_power=6.0))),
+            description="VFM-Loc reference: GeM p=3 with clamp + SW-RMAC levels [1,2], weights 1/l^6, last layer",
+        ),
+        EncoderPreset("gem-l8", HeadConfig((_gem(8),)), description="GeM p=3 (clamped) over block-8 patches"),
+        EncoderPreset(
+            "gem-l8-signed", HeadConfig((_gem(8, "signed"),)), description="signed GeM p=3 over block-8 patches"
+        ),
+        EncoderPreset(
+            "hier-l6-l8-l10",
+            HeadConfig((_gem(6), _gem(8), _gem(10))),
+            description="hierarchical: GeM over blocks 6, 8 and 10, concatenated",
+        ),
+    ]
+}
+
+DEFAULT_PRESET = "gem-l8"
+
+
+def get_preset(name: str) -> EncoderPreset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown encoder preset '{name}'; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+class Encoder(nn.Module):
+    """Images in, L2-normalised float32 descriptors out."""
+
+    def __init__(
+        self,
+        backbone: DinoV2,
+        head: PoolingHead,
+        input_size: tuple[int, int] = (224, 224),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        identity: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if input_size[0] % PATCH or input_size[1] % PATCH:
+            raise ValueError(f"input size {input_size} must be multiples of {PATCH}")
+        self.backbone = backbone
+        self.head = head
+        self.input_size = tuple(input_size)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self._layers = {layer: backbone.resolve_layer(layer) for layer in head.layers}
+        self.identity = identity or {}
+
+    @property
+    def dim(self) -> int:
+        return int(self.forward(torch.zeros(1, 3, *self.input_size)).shape[-1])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``images``: float ``[B, 3, H, W]`` in [0, 1] (already resized)."""
+        x = (images - self.mean) / self.std
+        tokens = self.backbone.forward_layers(x, list(self._layers.values()), norm=self.head.config.final_norm)
+        return self.head({spec: tokens[resolved] for spec, resolved in self._layers.items()})
+
+    def to_tensor(self, image: np.ndarray | Image.Image) -> torch.Tensor:
+        """HxWx3 uint8 (or PIL) -> ``[3, H, W]`` float in [0, 1] at the encoder's input size."""
+        pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+        pil = pil.convert("RGB")
+        height, width = self.input_size
+        if pil.size != (width, height):
+            pil = pil.resize((width, height), Image.BICUBIC)
+        array = np.asarray(pil, dtype=np.float32) / 255.0
+        return torch.from_numpy(array).permute(2, 0, 1)
+
+    @torch.inference_mode()
+    def encode(self, images: Iterable[np.ndarray | Image.Image], batch_size: int = 16) -> np.ndarray:
+        """Encode an iterable of images in batches -> ``[N, D]`` float32."""
+        out: list[np.ndarray] = []
+        batch: list[torch.Tensor] = []
+        for image in images:
+            batch.append(self.to_tensor(image))
+            if len(batch) == batch_size:
+                out.append(self.forward(torch.stack(batch)).float().numpy())
+                batch = []
+        if batch:
+            out.append(self.forward(torch.stack(batch)).float().numpy())
+        if not out:
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.concatenate(out).astype(np.float32)
+
+
+def head_to_dict(head: HeadConfig) -> dict:
+    return dataclasses.asdict(head)
+
+
+def create_encoder(
+    preset: str | EncoderPreset = DEFAULT_PRESET,
+    weights: str = "embedded",
+    input_size: tuple[int, int] | None = None,
+) -> Encoder:
+    """The one way to build an encoder: a preset (or preset object) plus a weights source.
+
+    ``weights`` is ``"embedded"``, a file path, ``"hub:<arch>"`` or ``"random:<arch>"`` (random
+    initialisation, for tests and the random-init baseline; seeded by ``torch.manual_seed``).
+    """
+    from cvgl.weights import load_weights
+
+    spec = get_preset(preset) if isinstance(preset, str) else preset
+    size = tuple(input_size or spec.input_size)
+    if weights.startswith("random:"):
+        arch = weights.split(":", 1)[1]
+        backbone = build_backbone(arch)
+        weights_hash = "random-" + _tensor_hash(backbone)
+    else:
+        loaded = load_weights(weights)
+        arch = loaded.arch
+        backbone = build_backbone(arch, loaded.state_dict)
+        weights_hash = loaded.sha256
+    identity = {
+        "preset": spec.name,
+        "arch": arch,
+        "weights_sha256": weights_hash,
+        "input_size": list(size),
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "head": json.loads(json.dumps(head_to_dict(spec.head))),
+    }
+    return Encoder(backbone, PoolingHead(spec.head), size, identity=identity)
+
+
+def _tensor_hash(module: nn.Module) -> str:
+    from cvgl.weights import state_dict_sha256
+
+    return state_dict_sha256(module.state_dict())[:16]
+
+
+__all__ = [
+    "Encoder",
+    "EncoderPreset",
+    "PRESETS",
+    "DEFAULT_PRESET",
+    "create_encoder",
+    "get_preset",
+    "HeadConfig",
+    "PoolSpec",
+]

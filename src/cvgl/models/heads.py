@@ -1,0 +1,118 @@
+"""Training-free heads: turn a backbone's tokens into one global descriptor.
+
+A head is a list of *pools*, each reading one block's tokens, concatenated with weights and
+L2-normalised. That one shape covers every zero-shot descriptor we compare:
+
+* ``cls``    — the class token;
+* ``gem``    — generalised mean over patch tokens (Radenović et al.);
+* ``swrmac`` — VFM-Loc's Scale-Weighted R-MAC: at level ``l`` the token grid is cut into ``l x l``
+  regions (any grid shape: rows and columns are split separately), each region is GeM-pooled and
+  L2-normalised, and the regions of level ``l`` are summed with weight ``1 / l**level_power``;
+* multi-layer (hierarchical) pooling is simply several pools on different blocks.
+
+**Signed tokens.** ViT tokens are signed. VFM-Loc's GeM clamps them to ``eps`` before the power,
+which silently turns every negative activation into ~0: it keeps only "how much of the positive
+half" each channel has. ``signed="signed"`` uses the signed power mean
+``sign(m)|m|^(1/p)`` with ``m = mean(sign(x)|x|^p)`` instead, which keeps both halves and reduces
+to the arithmetic mean at p=1; ``"abs"`` pools magnitudes only. ``benchmarks/zeroshot.py``
+measures the three.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cvgl.models.backbone import LayerTokens
+
+EPS = 1e-6
+
+
+def gem(patches: torch.Tensor, p: float = 3.0, signed: str = "clamp") -> torch.Tensor:
+    """GeM over the spatial dims of ``[B, C, h, w]`` -> ``[B, C]``. See module doc for ``signed``."""
+    x = patches.flatten(2)
+    if signed == "clamp":
+        return x.clamp(min=EPS).pow(p).mean(-1).pow(1.0 / p)
+    if signed == "abs":
+        return x.abs().clamp(min=EPS).pow(p).mean(-1).pow(1.0 / p)
+    if signed == "signed":
+        m = (x.sign() * x.abs().pow(p)).mean(-1)
+        return m.sign() * m.abs().clamp(min=EPS).pow(1.0 / p)
+    raise ValueError(f"unknown GeM sign handling '{signed}' (clamp | signed | abs)")
+
+
+def region_bounds(size: int, parts: int) -> list[tuple[int, int]]:
+    """Split ``size`` cells into ``parts`` contiguous, non-empty, near-equal ranges."""
+    parts = min(parts, size)
+    edges = [round(i * size / parts) for i in range(parts + 1)]
+    return [(edges[i], edges[i + 1]) for i in range(parts)]
+
+
+def sw_rmac(
+    patches: torch.Tensor,
+    levels: tuple[int, ...] = (1, 2),
+    level_power: float = 6.0,
+    p: float = 3.0,
+    signed: str = "clamp",
+) -> torch.Tensor:
+    """Scale-Weighted R-MAC over ``[B, C, h, w]`` -> ``[B, C]`` (not normalised)."""
+    h, w = patches.shape[-2:]
+    total = torch.zeros(patches.shape[:2], dtype=patches.dtype, device=patches.device)
+    for level in levels:
+        weight = 1.0 / float(level) ** level_power
+        for r0, r1 in region_bounds(h, level):
+            for c0, c1 in region_bounds(w, level):
+                region = gem(patches[:, :, r0:r1, c0:c1], p=p, signed=signed)
+                total = total + weight * F.normalize(region, dim=-1)
+    return total
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """One component of a descriptor: which block, which pooling, its weight in the concat."""
+
+    kind: str = "gem"  # cls | gem | swrmac
+    layer: int = -1  # 1-based block number; negative counts from the end
+    p: float = 3.0
+    signed: str = "clamp"
+    levels: tuple[int, ...] = (1, 2)
+    level_power: float = 6.0
+    weight: float = 1.0
+
+    def pool(self, tokens: LayerTokens) -> torch.Tensor:
+        if self.kind == "cls":
+            return tokens.cls
+        if self.kind == "gem":
+            return gem(tokens.patches, self.p, self.signed)
+        if self.kind == "swrmac":
+            return sw_rmac(tokens.patches, self.levels, self.level_power, self.p, self.signed)
+        raise ValueError(f"unknown pooling '{self.kind}' (cls | gem | swrmac)")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """A descriptor recipe: pools concatenated (each L2-normalised and weighted), then L2-normalised."""
+
+    pools: tuple[PoolSpec, ...] = field(default_factory=lambda: (PoolSpec(),))
+    final_norm: bool = True  # pass intermediate tokens through the backbone's last LayerNorm
+
+
+class PoolingHead(nn.Module):
+    """Parameter-free head applying a :class:`HeadConfig` to per-layer tokens."""
+
+    def __init__(self, config: HeadConfig) -> None:
+        super().__init__()
+        if not config.pools:
+            raise ValueError("a head needs at least one pool")
+        self.config = config
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({pool.layer for pool in self.config.pools})
+
+    def forward(self, tokens: dict[int, LayerTokens]) -> torch.Tensor:
+        parts = [pool.weight * F.normalize(pool.pool(tokens[pool.layer]), dim=-1) for pool in self.config.pools]
+        return F.normalize(torch.cat(parts, dim=-1), dim=-1)

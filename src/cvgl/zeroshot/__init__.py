@@ -1,0 +1,1 @@
+"""Zero-shot (VFM-Loc style) pieces: statistical alignment of the two views."""
