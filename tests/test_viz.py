@@ -17,15 +17,17 @@ LAT0, LON0 = 40.16, -105.1
 
 
 def _tiles() -> pd.DataFrame:
-    la, lo = np.meshgrid(LAT0 + (np.arange(5) - 2) * 0.0009, LON0 + (np.arange(4) - 1.5) * 0.0012, indexing="ij")
-    return pd.DataFrame(
-        {"tile_id": [f"t{i:03d}" for i in range(20)], "lat": la.ravel(), "lon": lo.ravel(), "crs": "EPSG:32613"}
-    )
+    lats = LAT0 + (np.arange(5) - 2) * 0.0009
+    lons = LON0 + (np.arange(4) - 1.5) * 0.0012
+    la, lo = np.meshgrid(lats, lons, indexing="ij")
+    ids = [f"t{i:03d}" for i in range(20)]
+    return pd.DataFrame({"tile_id": ids, "lat": la.ravel(), "lon": lo.ravel(), "crs": "EPSG:32613"})
 
 
 def _result(tiles: pd.DataFrame, name: str, idx: list[int], truth: bool) -> dict:
     top = [
-        {"tile_id": tiles.tile_id[j], "lat": float(tiles.lat[j]), "lon": float(tiles.lon[j]), "score": 0.9 - 0.1 * r}
+        {"tile_id": tiles.tile_id[j], "lat": float(tiles.lat[j]), "lon": float(tiles.lon[j]),
+         "score": 0.9 - 0.1 * r}
         for r, j in enumerate(idx)
     ]
     res = {"query": name, "lat": top[0]["lat"] + 1e-5, "lon": top[0]["lon"], "confidence": 0.73,
@@ -52,7 +54,9 @@ def case():
 
 def test_map_html_contents(tmp_path, case) -> None:
     tiles, results, scores, overview, bounds = case
-    out = write_map_html(tmp_path / "sub" / "map.html", results, tiles, scores, overview, bounds, tile_m=90.0, title="demo run")
+    out = write_map_html(
+        tmp_path / "sub" / "map.html", results, tiles, scores, overview, bounds, tile_m=90.0, title="demo run"
+    )
     assert out == tmp_path / "sub" / "map.html" and out.is_file()
     text = out.read_text(encoding="utf-8")
     assert [p.name for p in out.parent.iterdir()] == ["map.html"]  # no temp file left behind
@@ -67,7 +71,8 @@ def test_map_html_contents(tmp_path, case) -> None:
     assert "drone/q_broken.jpg" in legend and "cannot decode image" in legend
 
     # Popup words and values.
-    for word in ("confidence", "heading", "error", "lat, lon", "q_alpha.jpg", "0.730", "12.5", "42.2 m", "n/a"):
+    popup_words = ("confidence", "heading", "error", "lat, lon", "q_alpha.jpg", "0.730", "12.5", "42.2 m", "n/a")
+    for word in popup_words:
         assert word in text, word
     assert f"{results[0]['lat']:.6f}, {results[0]['lon']:.6f}" in text
 
@@ -83,7 +88,8 @@ def test_map_html_contents(tmp_path, case) -> None:
     assert "`odd`" not in text and "<name>" not in text and "&#96;odd&#96; &lt;name&gt;" in text
 
     # Offline fallback: static preview + table, shown when Leaflet is missing.
-    assert 'id="cvgl-offline"' in text and "data:image/jpeg;base64," in text and 'typeof L === "undefined"' in text
+    assert 'id="cvgl-offline"' in text and "data:image/jpeg;base64," in text
+    assert 'typeof L === "undefined"' in text
 
 
 def test_map_without_optional_inputs_uses_circles(tmp_path, case) -> None:
@@ -132,7 +138,8 @@ def test_retrieval_grid_png(tmp_path) -> None:
          "tiles": [_img((0, 0, 0)), _img((0, 0, 0)), _img((0, 0, 0))],
          "scores": [0.91, 0.85, 0.5], "correct": [True, False, None]},
         {"query_image": _img((50, 50, 200), (200, 100)), "query_name": "q_beta.jpg",
-         "tiles": [_img((90, 90, 90), (64, 64))] * 3, "scores": [0.7, 0.6, 0.55], "correct": [None, None, None]},
+         "tiles": [_img((90, 90, 90), (64, 64))] * 3, "scores": [0.7, 0.6, 0.55],
+         "correct": [None, None, None]},
     ]
     cell = 100
     out = write_retrieval_grid(tmp_path / "g" / "grid.png", rows, cell=cell)

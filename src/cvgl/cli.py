@@ -11,8 +11,14 @@ from cvgl.errors import CvglError
 
 
 def _size(text: str) -> tuple[int, int]:
-    parts = [int(p) for p in text.lower().replace("x", ",").split(",")]
-    return (parts[0], parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+    try:
+        parts = [int(p) for p in text.lower().replace("x", ",").split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not H or H,W in pixels") from None
+    size = (parts[0], parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+    if len(parts) > 2 or any(v <= 0 or v % 14 for v in size):
+        raise argparse.ArgumentTypeError(f"'{text}': sizes must be positive multiples of 14 (e.g. 224 or 154,770)")
+    return size
 
 
 def _bands(text: str) -> tuple[int, ...]:
@@ -57,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--altitude", type=float, default=None, help="height above ground, metres")
     p.add_argument("--hfov", type=float, default=None, help="horizontal field of view, degrees")
     p.add_argument("--rotations", type=int, default=8, help="heading hypotheses when the heading is unknown")
+    p.add_argument(
+        "--batch-alignment", default=None, choices=["center", "coral"],
+        help="fit a query-view alignment on this batch of photos (no labels; needs >= 16 photos)",
+    )
     encoder_args(p, None)
 
     p = sub.add_parser("demo", help="index Longmont (WV3), locate simulated drone photos (WV2)")
@@ -107,6 +117,7 @@ def cmd_locate(args: argparse.Namespace) -> int:
     options = LocateOptions(
         view=args.view, top_k=args.top_k, heading_deg=args.heading, pitch_deg=args.pitch,
         altitude_m=args.altitude, hfov_deg=args.hfov, rotations=args.rotations,
+        batch_alignment=args.batch_alignment,
     )
     results, scores, _ = locate_images(args.images, encoder, manifest_index, options)
     if args.json:

@@ -36,12 +36,15 @@ from cvgl.data.geometry import (
 )
 from cvgl.data.images import load_image
 from cvgl.data.metadata import CameraMetadata, read_camera_metadata
-from cvgl.errors import CvglError
+from cvgl.errors import CvglError, InputError
 from cvgl.geo import geodesic_distance_m, offset_latlon
 from cvgl.index.store import ReferenceIndex
 from cvgl.models.encoder import Encoder
+from cvgl.zeroshot.alignment import fit_alignment
 
 VIEWS = ("drone", "street", "aerial")
+MIN_SIDE_PX = 28  # two patches: anything smaller carries no usable evidence
+MIN_BATCH_ALIGNMENT = 16  # photos needed before a batch's own statistics are trusted
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class LocateOptions:
     scales: tuple[float, ...] = (1.0,)  # crop-size hypotheses when the altitude is unknown
     temperature: float = 0.02  # softmax temperature on cosine scores, for confidence
     batch_size: int = 16
+    batch_alignment: str | None = None  # "center" | "coral": fit on this batch's photos (no labels)
 
 
 @dataclass
@@ -90,6 +94,8 @@ def prepare_query(
 ) -> PreparedQuery:
     """Load a photo and turn it into the reference's geometry (or hypotheses of it)."""
     image = np.asarray(load_image(path))
+    if min(image.shape[:2]) < MIN_SIDE_PX:
+        raise InputError(f"{path}: image is {image.shape[1]}x{image.shape[0]} px, too small to locate (min {MIN_SIDE_PX})")
     meta = read_camera_metadata(path)
     if options.view != "drone":
         # Street and aerial photos are used as they are; aerial ones are assumed north-up
@@ -167,8 +173,9 @@ def answer(
         ],
     }
     camera = (est_lat, est_lon)
-    if query.pitch_deg > 1.0 and query.altitude_m is not None and query.heading_source != "search":
-        # The photo centre lies altitude*tan(pitch) ahead of the camera along the heading.
+    if query.pitch_deg > 1.0 and query.altitude_m is not None:
+        # The photo centre lies altitude*tan(pitch) ahead of the camera along the heading (known,
+        # or the winning hypothesis when searched).
         ahead = query.altitude_m * math.tan(math.radians(query.pitch_deg))
         back = math.radians(hyp.heading_deg)
         camera = offset_latlon(est_lat, est_lon, -ahead * math.sin(back), -ahead * math.cos(back))
@@ -188,36 +195,57 @@ def _spacing_m(lat: np.ndarray, lon: np.ndarray) -> float:
     return float(np.median(d.min(1)))
 
 
-def score_query(query: PreparedQuery, encoder: Encoder, index: ReferenceIndex, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-tile best score over hypotheses, and which hypothesis gave it."""
-    descriptors = encoder.encode([h.image for h in query.hypotheses], batch_size=batch_size)
-    scores = index.scores(descriptors)  # [H, N]
+def best_over_hypotheses(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-tile best score over hypotheses ``[H, N]``, and which hypothesis gave it."""
     return scores.max(0), scores.argmax(0)
 
 
 def locate_images(
     paths: list[Path], encoder: Encoder, index: ReferenceIndex, options: LocateOptions, progress: bool = True
 ) -> tuple[list[dict], list[np.ndarray | None], list[PreparedQuery | None]]:
-    """Locate each photo; a bad photo becomes ``{"query", "error"}`` and the batch goes on."""
+    """Locate each photo; a bad photo becomes ``{"query", "error"}`` and the batch goes on.
+
+    Two passes: encode every photo's hypotheses, then score. Between them, with
+    ``options.batch_alignment`` set and at least ``MIN_BATCH_ALIGNMENT`` photos, a query-view
+    alignment is fitted on this batch's own descriptors (no labels: transductive) against the
+    index's reference descriptors, replacing the index's stored alignment for this run.
+    """
     from tqdm import tqdm
 
     if options.view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}")
     tile_m = index.manifest.get("tile_m")
     gsd_m = (index.manifest.get("tiling") or {}).get("gsd_m")
-    results: list[dict] = []
-    all_scores: list[np.ndarray | None] = []
     prepared: list[PreparedQuery | None] = []
-    for path in tqdm(paths, desc="locating", unit="photo", disable=not progress):
+    descriptors: list[np.ndarray | None] = []
+    errors: dict[int, str] = {}
+    for i, path in enumerate(tqdm(paths, desc="encoding photos", unit="photo", disable=not progress)):
         try:
             query = prepare_query(Path(path), options, tile_m, gsd_m)
-            tile_scores, best_hyp = score_query(query, encoder, index, options.batch_size)
         except CvglError as exc:
-            results.append({"query": str(path), "error": str(exc)})
-            all_scores.append(None)
+            errors[i] = str(exc)
             prepared.append(None)
+            descriptors.append(None)
             continue
-        results.append(answer(query, tile_scores, best_hyp, index, options))
-        all_scores.append(tile_scores)
         prepared.append(query)
+        descriptors.append(encoder.encode([h.image for h in query.hypotheses], batch_size=options.batch_size))
+
+    alignment = index.alignment
+    good = [d for d in descriptors if d is not None]
+    if options.batch_alignment and len(good) >= MIN_BATCH_ALIGNMENT:
+        alignment = fit_alignment(options.batch_alignment, index.raw, queries=np.concatenate(good))
+    reference = alignment.apply(index.raw, "reference")
+
+    results: list[dict] = []
+    all_scores: list[np.ndarray | None] = []
+    for i, (query, desc) in enumerate(zip(prepared, descriptors)):
+        if query is None or desc is None:
+            results.append({"query": str(paths[i]), "error": errors[i]})
+            all_scores.append(None)
+            continue
+        tile_scores, best_hyp = best_over_hypotheses(alignment.apply(desc, "query") @ reference.T)
+        result = answer(query, tile_scores, best_hyp, index, options)
+        result["alignment"] = alignment.kind
+        results.append(result)
+        all_scores.append(tile_scores)
     return results, all_scores, prepared

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import pickle
 import re
 import tempfile
 from dataclasses import dataclass
@@ -104,10 +105,16 @@ def _read_state_file(path: Path) -> dict[str, torch.Tensor]:
             state = load_file(str(path))
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any reader failure is the same user problem
+    except pickle.UnpicklingError:
         raise WeightsError(
-            f"{path}: cannot read weights ({type(exc).__name__}: {exc}); "
-            "expected safetensors or a .pth state dict saved without pickled code"
+            f"{path}: refused: the file holds pickled objects or code, which is never executed; "
+            "save a plain state dict (torch.save(model.state_dict())) or use .safetensors"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - any reader failure is the same user problem
+        reason = " ".join(str(exc).split())[:120]
+        raise WeightsError(
+            f"{path}: cannot read weights ({type(exc).__name__}: {reason}); "
+            "expected safetensors or a .pth state dict"
         ) from None
     for key in ("model", "state_dict", "teacher", "student"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):

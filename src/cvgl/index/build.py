@@ -12,7 +12,7 @@ from tqdm import tqdm
 from cvgl.data.images import load_image
 from cvgl.data.raster import TilingSpec, count_tiles, iter_tiles, raster_overview, read_tile_folder
 from cvgl.errors import InputError
-from cvgl.index.store import write_index
+from cvgl.index.store import check_output_folder, write_index
 from cvgl.models.encoder import Encoder
 from cvgl.zeroshot.alignment import DEFAULT_KIND, fit_alignment
 
@@ -84,6 +84,7 @@ def build_index(
     Only reference-side alignments can be fitted here (no queries exist yet); alignments that need
     query-view samples or anchor pairs are fitted by the benchmark / a later ``cvgl align``.
     """
+    check_output_folder(Path(out))  # fail before minutes of encoding, not after
     raw, tiles, extra = encode_source(source, encoder, spec, csv, batch_size, progress)
     fitted = fit_alignment(alignment, raw)
     overview = None

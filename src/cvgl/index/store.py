@@ -138,16 +138,37 @@ def write_index(
     return out_dir
 
 
+def _is_index_folder(path: Path) -> bool:
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "format_version" in manifest and "encoder" in manifest
+
+
+def check_output_folder(out_dir: Path) -> None:
+    """Refuse to replace anything but nothing, an empty folder, or a cvgl index."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise IndexFormatError(f"{out_dir}: exists and is a file; choose another --out")
+    if any(out_dir.iterdir()) and not _is_index_folder(out_dir):
+        raise IndexFormatError(f"{out_dir}: exists and is not a cvgl index; refusing to overwrite it")
+
+
 def _swap_into_place(tmp: Path, out_dir: Path) -> None:
     """Replace ``out_dir`` by ``tmp``; the old index survives until the new one is in place."""
+    check_output_folder(out_dir)
     if not out_dir.exists():
         os.replace(tmp, out_dir)
         return
-    if not (out_dir / "manifest.json").is_file() and any(out_dir.iterdir()):
-        raise IndexFormatError(f"{out_dir}: exists and is not a cvgl index; refusing to overwrite it")
     old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
     os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        os.replace(old, out_dir)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -167,14 +188,28 @@ def open_index(path: Path, encoder_identity: dict | None = None) -> ReferenceInd
         raise IndexFormatError(
             f"{path}: index format {manifest.get('format_version')} but this cvgl reads {FORMAT_VERSION}; rebuild it"
         )
+    readers = {
+        "tiles.parquet": lambda p: pd.read_parquet(p),
+        "raw.npy": lambda p: np.load(p),
+        "alignment.npz": lambda p: Alignment.load(p),
+        "vectors.faiss": lambda p: faiss.read_index(str(p)),
+    }
+    parts = {}
+    for name, reader in readers.items():
+        try:
+            parts[name] = reader(path / name)
+        except Exception as exc:  # noqa: BLE001 - any reader failure means a corrupt file
+            raise IndexFormatError(f"{path / name}: corrupt ({type(exc).__name__}); rebuild the index") from None
     index = ReferenceIndex(
         path=path,
         manifest=manifest,
-        tiles=pd.read_parquet(path / "tiles.parquet"),
-        raw=np.load(path / "raw.npy"),
-        alignment=Alignment.load(path / "alignment.npz"),
-        faiss_index=faiss.read_index(str(path / "vectors.faiss")),
+        tiles=parts["tiles.parquet"],
+        raw=parts["raw.npy"],
+        alignment=parts["alignment.npz"],
+        faiss_index=parts["vectors.faiss"],
     )
+    if not (len(index.tiles) == len(index.raw) == index.faiss_index.ntotal == manifest.get("count")):
+        raise IndexFormatError(f"{path}: tiles, vectors and manifest disagree on the count; rebuild the index")
     if encoder_identity is not None:
         index.check_encoder(encoder_identity)
     return index

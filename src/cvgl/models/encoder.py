@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from cvgl.errors import WeightsError
 from cvgl.models.backbone import PATCH, DinoV2, build_backbone
 from cvgl.models.heads import HeadConfig, PoolingHead, PoolSpec
 
@@ -56,6 +57,11 @@ PRESETS: dict[str, EncoderPreset] = {
         EncoderPreset("gem-l8", HeadConfig((_gem(8),)), description="GeM p=3 (clamped) over block-8 patches"),
         EncoderPreset(
             "gem-l8-signed", HeadConfig((_gem(8, "signed"),)), description="signed GeM p=3 over block-8 patches"
+        ),
+        EncoderPreset(
+            "gem-l8-disc",
+            HeadConfig((PoolSpec(kind="gem", layer=8, region="disc"),)),
+            description="GeM p=3 over block-8 patches inside the inscribed disc (rotation hypotheses compare like with like)",
         ),
         EncoderPreset(
             "hier-l6-l8-l10",
@@ -170,7 +176,10 @@ def create_encoder(
         "std": list(IMAGENET_STD),
         "head": json.loads(json.dumps(head_to_dict(spec.head))),
     }
-    return Encoder(backbone, PoolingHead(spec.head), size, identity=identity)
+    try:
+        return Encoder(backbone, PoolingHead(spec.head), size, identity=identity)
+    except ValueError as exc:
+        raise WeightsError(f"encoder '{spec.name}' does not fit {arch}: {exc}") from None
 
 
 def _tensor_hash(module: nn.Module) -> str:

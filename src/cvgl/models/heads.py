@@ -31,17 +31,41 @@ from cvgl.models.backbone import LayerTokens
 EPS = 1e-6
 
 
-def gem(patches: torch.Tensor, p: float = 3.0, signed: str = "clamp") -> torch.Tensor:
-    """GeM over the spatial dims of ``[B, C, h, w]`` -> ``[B, C]``. See module doc for ``signed``."""
+def disc_mask(h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
+    """1 for token cells whose centre lies in the disc inscribed in the grid, else 0.
+
+    Pooling only inside the disc makes a descriptor insensitive to what a rotation moves into
+    or out of the corners (black fill on a rotated photo), so heading hypotheses compare like
+    with like against north-up tiles pooled the same way.
+    """
+    rows = torch.arange(h, device=device, dtype=torch.float32) + 0.5 - h / 2
+    cols = torch.arange(w, device=device, dtype=torch.float32) + 0.5 - w / 2
+    radius = min(h, w) / 2
+    return ((rows[:, None] ** 2 + cols[None, :] ** 2) <= radius**2).float()
+
+
+def gem(patches: torch.Tensor, p: float = 3.0, signed: str = "clamp", mask: torch.Tensor | None = None) -> torch.Tensor:
+    """GeM over the spatial dims of ``[B, C, h, w]`` -> ``[B, C]``. See module doc for ``signed``.
+
+    ``mask`` (``[h, w]`` of 0/1) restricts the mean to some cells.
+    """
     x = patches.flatten(2)
     if signed == "clamp":
-        return x.clamp(min=EPS).pow(p).mean(-1).pow(1.0 / p)
-    if signed == "abs":
-        return x.abs().clamp(min=EPS).pow(p).mean(-1).pow(1.0 / p)
+        powered = x.clamp(min=EPS).pow(p)
+    elif signed == "abs":
+        powered = x.abs().clamp(min=EPS).pow(p)
+    elif signed == "signed":
+        powered = x.sign() * x.abs().pow(p)
+    else:
+        raise ValueError(f"unknown GeM sign handling '{signed}' (clamp | signed | abs)")
+    if mask is None:
+        m = powered.mean(-1)
+    else:
+        weights = mask.flatten().to(powered.dtype)
+        m = (powered * weights).sum(-1) / weights.sum().clamp(min=1.0)
     if signed == "signed":
-        m = (x.sign() * x.abs().pow(p)).mean(-1)
         return m.sign() * m.abs().clamp(min=EPS).pow(1.0 / p)
-    raise ValueError(f"unknown GeM sign handling '{signed}' (clamp | signed | abs)")
+    return m.pow(1.0 / p)  # m >= EPS**p already: inputs were clamped to EPS
 
 
 def region_bounds(size: int, parts: int) -> list[tuple[int, int]]:
@@ -81,12 +105,16 @@ class PoolSpec:
     levels: tuple[int, ...] = (1, 2)
     level_power: float = 6.0
     weight: float = 1.0
+    region: str = "full"  # full | disc (see disc_mask), for gem
 
     def pool(self, tokens: LayerTokens) -> torch.Tensor:
         if self.kind == "cls":
             return tokens.cls
         if self.kind == "gem":
-            return gem(tokens.patches, self.p, self.signed)
+            mask = None
+            if self.region == "disc":
+                mask = disc_mask(*tokens.patches.shape[-2:], device=tokens.patches.device)
+            return gem(tokens.patches, self.p, self.signed, mask)
         if self.kind == "swrmac":
             return sw_rmac(tokens.patches, self.levels, self.level_power, self.p, self.signed)
         raise ValueError(f"unknown pooling '{self.kind}' (cls | gem | swrmac)")

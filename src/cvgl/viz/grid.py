@@ -74,7 +74,9 @@ def _fit(image: Image.Image, cell: int) -> Image.Image:
     return canvas
 
 
-def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int, keep_end: bool = False) -> str:
+def _fit_text(
+    draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int, keep_end: bool = False
+) -> str:
     """Shorten ``text`` with "..." until it fits ``width`` pixels (file names: keep the end)."""
     if draw.textlength(text, font=font) <= width:
         return text
@@ -143,7 +145,8 @@ def write_retrieval_grid(
         heading += f" (showing first {len(shown)} of {len(rows)}, capped at max_rows={max_rows})"
     if not rows:
         heading += " (nothing to show)"
-    draw.text((PAD, (TITLE_H - 16) // 2), _fit_text(draw, heading, title_font, width - 2 * PAD), fill=_TEXT, font=title_font)
+    heading = _fit_text(draw, heading, title_font, width - 2 * PAD)
+    draw.text((PAD, (TITLE_H - 16) // 2), heading, fill=_TEXT, font=title_font)
 
     for r, row in enumerate(shown):
         y = TITLE_H + r * (cell + LABEL_H + PAD)
@@ -157,7 +160,8 @@ def write_retrieval_grid(
             draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(235, 235, 235))
         draw.rectangle([x, y, x + cell - 1, y + cell - 1], outline=(60, 60, 200), width=2)
         name = str(row.get("query_name") or f"query {r + 1}")
-        draw.text((x, text_y), _fit_text(draw, name, label_font, cell, keep_end=True), fill=_TEXT, font=label_font)
+        name = _fit_text(draw, name, label_font, cell, keep_end=True)
+        draw.text((x, text_y), name, fill=_TEXT, font=label_font)
 
         # Top-k tiles.
         scores = row.get("scores")
@@ -167,7 +171,8 @@ def write_retrieval_grid(
             canvas.paste(_fit(_to_pil(tile), cell), (x, y))
             ok = _get(correct, k)
             if ok is not None:
-                draw.rectangle([x, y, x + cell - 1, y + cell - 1], outline=_GREEN if bool(ok) else _RED, width=FRAME)
+                frame = _GREEN if bool(ok) else _RED
+                draw.rectangle([x, y, x + cell - 1, y + cell - 1], outline=frame, width=FRAME)
             score = _get(scores, k)
             label = f"#{k + 1}"
             if score is not None:

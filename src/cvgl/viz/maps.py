@@ -129,7 +129,10 @@ def _check_bounds(bounds: Sequence[float]) -> tuple[float, float, float, float]:
         raise ValueError(f"overview_bounds must be (south, west, north, east) in degrees, got {bounds!r}")
     s, w, n, e = (float(b) for b in bounds)
     if not (s < n and w < e):
-        raise ValueError(f"overview_bounds must be (south, west, north, east) with south<north, west<east, got {bounds!r}")
+        raise ValueError(
+            f"overview_bounds must be (south, west, north, east) with south < north and west < east, "
+            f"got {bounds!r}"
+        )
     return s, w, n, e
 
 
@@ -170,7 +173,9 @@ def _heat_radius_px(tiles: pd.DataFrame, tile_m: float | None, lat: float, zoom:
             sample = pts[: min(len(pts), 400)]
             ky = 111_320.0
             kx = 111_320.0 * math.cos(math.radians(lat))
-            d = np.hypot((sample[:, None, 0] - pts[None, :, 0]) * ky, (sample[:, None, 1] - pts[None, :, 1]) * kx)
+            dy = (sample[:, None, 0] - pts[None, :, 0]) * ky
+            dx = (sample[:, None, 1] - pts[None, :, 1]) * kx
+            d = np.hypot(dy, dx)
             d[d <= 0] = np.inf
             nearest = d.min(axis=1)
             nearest = nearest[np.isfinite(nearest)]
@@ -194,8 +199,10 @@ def _popup_html(name: str, res: dict) -> str:
         rows.append(("truth", f"{float(res['true_lat']):.6f}, {float(res['true_lon']):.6f}"))
     top = res.get("top_k") or []
     if top:
-        rows.append(("top-1 tile", f"{_esc(str(top[0].get('tile_id', '?')))} ({_fmt(top[0].get('score'), '.4f')})"))
-    body = "".join(f"<tr><th style='text-align:left;padding-right:8px'>{k}</th><td>{v}</td></tr>" for k, v in rows)
+        tid, score = _esc(top[0].get("tile_id", "?")), _fmt(top[0].get("score"), ".4f")
+        rows.append(("top-1 tile", f"{tid} ({score})"))
+    th = "<th style='text-align:left;padding-right:8px'>"
+    body = "".join(f"<tr>{th}{k}</th><td>{v}</td></tr>" for k, v in rows)
     return f"<table style='font-size:12px;white-space:nowrap'>{body}</table>"
 
 
@@ -256,11 +263,15 @@ def _static_preview(
             canvas.thumbnail((max_px, max_px), Image.Resampling.LANCZOS)
         elif max(canvas.size) < max_px * 3 // 4:  # tiny overview: enlarge so the drawing is legible
             f = max_px / max(canvas.size)
-            canvas = canvas.resize((max(1, round(canvas.width * f)), max(1, round(canvas.height * f))), Image.Resampling.BICUBIC)
+            size = (max(1, round(canvas.width * f)), max(1, round(canvas.height * f)))
+            canvas = canvas.resize(size, Image.Resampling.BICUBIC)
     else:
         mid = math.radians((s + n) / 2)
         aspect = (e - w) * math.cos(mid) / max(n - s, 1e-12)
-        wpx, hpx = (max_px, max(64, int(max_px / aspect))) if aspect >= 1 else (max(64, int(max_px * aspect)), max_px)
+        if aspect >= 1:
+            wpx, hpx = max_px, max(64, int(max_px / aspect))
+        else:
+            wpx, hpx = max(64, int(max_px * aspect)), max_px
         canvas = Image.new("RGB", (wpx, hpx), (225, 225, 225))
     canvas = canvas.convert("RGB")
     W, H = canvas.size
@@ -294,12 +305,21 @@ def _static_preview(
             draw.line([x, y, tx, ty], fill=_TRUTH_COLOUR, width=lw)
             draw.ellipse([tx - r, ty - r, tx + r, ty + r], fill=_TRUTH_COLOUR, outline="white")
         draw.ellipse([x - r, y - r, x + r, y + r], fill=_PRED_COLOUR, outline="white", width=2)
-        draw.text((x + r + 2, y - r - 2), str(i + 1), fill="white", font=font, stroke_width=max(2, lw), stroke_fill="black")
+        draw.text((x + r + 2, y - r - 2), str(i + 1), fill="white", font=font,
+                  stroke_width=max(2, lw), stroke_fill="black")
     return canvas
 
 
-def _offline_block(map_id: str, title: str, preview_uri: str, ok: list[tuple[int, str, dict]], failed: list[tuple[str, str]]) -> str:
-    head = "<tr>" + "".join(f"<th>{h}</th>" for h in ("#", "query", "lat", "lon", "confidence", "heading", "error", "top-1 tile")) + "</tr>"
+def _offline_block(
+    map_id: str,
+    title: str,
+    preview_uri: str,
+    ok: list[tuple[int, str, dict]],
+    failed: list[tuple[str, str]],
+) -> str:
+    """Hidden static preview + results table, revealed by a script when Leaflet did not load."""
+    columns = ("#", "query", "lat", "lon", "confidence", "heading", "error", "top-1 tile")
+    head = "<tr>" + "".join(f"<th>{h}</th>" for h in columns) + "</tr>"
     body = []
     for i, name, res in ok:
         top = (res.get("top_k") or [{}])[0]
@@ -400,7 +420,10 @@ def write_map_html(
     out = Path(out_path)
     results = list(results or [])
     if scores is not None and len(scores) != len(results):
-        raise ValueError(f"scores has {len(scores)} entries but there are {len(results)} results; pass one (or None) per result")
+        raise ValueError(
+            f"scores has {len(scores)} entries but there are {len(results)} results; "
+            "pass one array (or None) per result"
+        )
     if overview is not None and overview_bounds is None:
         raise ValueError("overview given without overview_bounds (south, west, north, east)")
     tiles = tiles if tiles is not None else pd.DataFrame(columns=["lat", "lon"])
@@ -537,7 +560,9 @@ def write_map_html(
                 location=[tlat, tlon], radius=7, color="white", weight=2, fill=True,
                 fill_color=_TRUTH_COLOUR, fill_opacity=1.0,
                 tooltip=f"truth for {_esc(_short(name))}",
-                popup=folium.Popup(f"<b>truth</b> {_esc(name)}<br>{tlat:.6f}, {tlon:.6f}<br>{err}", max_width=400),
+                popup=folium.Popup(
+                    f"<b>truth</b> {_esc(name)}<br>{tlat:.6f}, {tlon:.6f}<br>{err}", max_width=400
+                ),
             ).add_to(group)
 
         # Prediction marker.
@@ -554,8 +579,9 @@ def write_map_html(
 
     root = m.get_root()
     root.html.add_child(folium.Element(_legend_html(title, failed, len(ok), len(results), bool(ok))))
-    preview = _static_preview(ok, base_image, (s, w, n, e) if base_image is None else _check_bounds(overview_bounds), tile_m)
-    root.html.add_child(folium.Element(_offline_block(m.get_name(), title, _jpeg_data_uri(preview), ok, failed)))
+    preview_bounds = (s, w, n, e) if base_image is None else _check_bounds(overview_bounds)
+    preview = _jpeg_data_uri(_static_preview(ok, base_image, preview_bounds, tile_m))
+    root.html.add_child(folium.Element(_offline_block(m.get_name(), title, preview, ok, failed)))
 
     _atomic_write_text(out, root.render())
     return out

@@ -29,7 +29,10 @@ from pathlib import Path
 import numpy as np
 
 KINDS = ("none", "center", "pca-whiten", "coral", "procrustes", "mnn-procrustes")
-DEFAULT_KIND = "center"
+# Measured on Longmont (benchmarks/zeroshot.py): with block-8 GeM, centring on the reference
+# alone lowers R@1 while statistics of unlabelled query photos (center/coral on the batch, see
+# ``cvgl locate --batch-alignment``) raise it; so an index stores no alignment by default.
+DEFAULT_KIND = "none"
 
 
 def l2n(x: np.ndarray) -> np.ndarray:
