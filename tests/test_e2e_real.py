@@ -81,8 +81,8 @@ def test_locate_wv2_drone_photos_in_wv3_corner(tmp_path: Path) -> None:
     assert len(index) == int((SIDE - TILE_M) // 56.0 + 1) ** 2
 
     # compass noise +-10 degrees (the family default); over seeds 0-7 R@5 averages ~0.9 here
-    family = QueryFamily("nadir", pitches=(0.0,), heading_known=True)
-    queries = make_queries(query_source, N_QUERIES, family, seed=0, footprint_m=TILE_M, x_range=(LEFT, LEFT + SIDE))
+    family = QueryFamily("nadir", pitches=(0.0,), heading_known=True, footprint_m=TILE_M)
+    queries = make_queries(query_source, N_QUERIES, family, seed=0, x_range=(LEFT, LEFT + SIDE))
     south, west, north, east = raster_info(reference).bounds_latlon
     assert all(south < q.center_lat < north and west < q.center_lon < east for q in queries)
     (tmp_path / "photos").mkdir()

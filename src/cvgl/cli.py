@@ -62,12 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pitch", type=float, default=None, help="camera pitch from nadir, degrees (0 = straight down)")
     p.add_argument("--altitude", type=float, default=None, help="height above ground, metres")
     p.add_argument("--hfov", type=float, default=None, help="horizontal field of view, degrees")
-    p.add_argument("--rotations", type=int, default=8, help="heading hypotheses when the heading is unknown")
+    p.add_argument("--rotations", type=int, default=16, help="heading hypotheses when the heading is unknown")
+    p.add_argument("--heading-tolerance", type=float, default=0.0, help="also try heading +- this (degrees)")
     p.add_argument(
         "--batch-alignment", default=None, choices=["center", "coral"],
         help="fit a query-view alignment on this batch of photos (no labels; needs >= 16 photos)",
     )
     encoder_args(p, None)
+
+    p = sub.add_parser("bench", help="run benchmarks and write docs/benchmarks.md")
+    p.add_argument("names", nargs="+", help="longmont | real-pairs | throughput | all")
+    p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
 
     p = sub.add_parser("demo", help="index Longmont (WV3), locate simulated drone photos (WV2)")
     p.add_argument("--out", type=Path, default=Path("demo_out"))
@@ -117,7 +123,7 @@ def cmd_locate(args: argparse.Namespace) -> int:
     options = LocateOptions(
         view=args.view, top_k=args.top_k, heading_deg=args.heading, pitch_deg=args.pitch,
         altitude_m=args.altitude, hfov_deg=args.hfov, rotations=args.rotations,
-        batch_alignment=args.batch_alignment,
+        batch_alignment=args.batch_alignment, heading_tolerance_deg=args.heading_tolerance,
     )
     results, scores, _ = locate_images(args.images, encoder, manifest_index, options)
     if args.json:
@@ -138,6 +144,17 @@ def cmd_locate(args: argparse.Namespace) -> int:
     return 0 if len(failed) < len(results) else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from cvgl.bench.run import BENCHMARKS, run_all
+
+    names = list(BENCHMARKS) if args.names == ["all"] else args.names
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        raise CvglError(f"unknown benchmark {unknown}; choose from {sorted(BENCHMARKS)} or all")
+    print(run_all(names, args.out, args.quick))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cvgl.demo import run_demo
 
@@ -148,7 +165,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _threads(args)
-    handlers = {"index": cmd_index, "locate": cmd_locate, "demo": cmd_demo}
+    handlers = {"index": cmd_index, "locate": cmd_locate, "bench": cmd_bench, "demo": cmd_demo}
     try:
         return handlers[args.command](args)
     except CvglError as exc:

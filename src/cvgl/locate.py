@@ -55,7 +55,9 @@ class LocateOptions:
     pitch_deg: float | None = None  # from nadir; overrides metadata
     altitude_m: float | None = None  # above ground; overrides metadata
     hfov_deg: float | None = None  # overrides the value derived from EXIF focal length
-    rotations: int = 8  # heading hypotheses when the heading is unknown
+    rotations: int = 16  # heading hypotheses when the heading is unknown (16 beat 8 on Longmont)
+    heading_tolerance_deg: float = 0.0  # > 0: also try heading +- this when the heading is known
+    pad_to_tile: bool = True  # photo smaller than a tile: pad (keep scale) rather than zoom
     scales: tuple[float, ...] = (1.0,)  # crop-size hypotheses when the altitude is unknown
     temperature: float = 0.02  # softmax temperature on cosine scores, for confidence
     batch_size: int = 16
@@ -114,27 +116,50 @@ def prepare_query(
     heading, heading_source = _known(options.heading_deg, meta.heading_deg)
 
     height, width = image.shape[:2]
-    side = min(height, width)
-    crops: list[tuple[np.ndarray, float]] = []
+    # Each view is (canvas, crop side, scale): hypotheses rotate the whole canvas and then cut
+    # the central crop, so a photo with margin around the tile footprint rotates without
+    # black corners.
+    views: list[tuple[np.ndarray, int, float]] = []
     if altitude is not None and tile_m and gsd_m:
         # Rectification keeps the photo-centre resolution, set by the slant range to the centre.
         slant = altitude / math.cos(math.radians(pitch))
         photo_gsd = slant * 2.0 * math.tan(math.radians(hfov) / 2.0) / width
         scaled = scale_image(image, photo_gsd / gsd_m)
         tile_px = int(round(tile_m / gsd_m))
-        crop = min(tile_px, *scaled.shape[:2])
-        crops.append((center_crop(scaled, crop), 1.0))
+        if options.pad_to_tile:
+            # A photo covering less ground than a tile is padded, not zoomed: scale is evidence.
+            views.append((pad_to(scaled, tile_px), tile_px, 1.0))
+        else:
+            views.append((scaled, min(tile_px, *scaled.shape[:2]), 1.0))
     else:
-        for scale in options.scales:
-            crops.append((center_crop(image, max(14, int(round(side * min(scale, 1.0))))), scale))
+        side = min(height, width)
+        views += [(image, max(MIN_SIDE_PX, int(round(side * min(s, 1.0)))), s) for s in options.scales]
 
     if heading is not None:
-        angles = [float(heading)]
+        # A compass is good to about +-10 degrees: optionally also try the heading +- tolerance.
+        tol = options.heading_tolerance_deg
+        angles = [float(heading)] + ([float(heading) - tol, float(heading) + tol] if tol > 0 else [])
     else:
         heading_source = "search"
         angles = [i * 360.0 / options.rotations for i in range(options.rotations)]
-    hypotheses = [Hypothesis(rotate_image(crop, angle) if angle else crop, angle, scale) for crop, scale in crops for angle in angles]
+    hypotheses = [
+        Hypothesis(center_crop(rotate_image(canvas, angle) if angle else canvas, crop), angle, scale)
+        for canvas, crop, scale in views
+        for angle in angles
+    ]
     return PreparedQuery(str(path), hypotheses, heading_source, pitch, altitude, meta)
+
+
+def pad_to(image: np.ndarray, side: int) -> np.ndarray:
+    """Centre ``image`` on a black canvas at least ``side`` pixels in each dimension."""
+    height, width = image.shape[:2]
+    out_h, out_w = max(height, side), max(width, side)
+    if (out_h, out_w) == (height, width):
+        return image
+    canvas = np.zeros((out_h, out_w) + image.shape[2:], dtype=image.dtype)
+    top, left = (out_h - height) // 2, (out_w - width) // 2
+    canvas[top : top + height, left : left + width] = image
+    return canvas
 
 
 def softmax(x: np.ndarray, temperature: float) -> np.ndarray:

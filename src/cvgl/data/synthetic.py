@@ -10,6 +10,7 @@ gimbal pitch/yaw and relative altitude), so the demo exercises the same metadata
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,6 +33,8 @@ class QueryFamily:
     heading_noise_deg: float = 10.0  # a drone compass is good to about this
     scale_jitter: tuple[float, float] = (1.0, 1.0)
     photometric: bool = False
+    hfov_deg: float = 70.0  # a narrower lens keeps steep (60 degree) views below the horizon
+    footprint_m: float = 112.0  # ground width of the photo's short side at nadir, before jitter
 
 
 @dataclass
@@ -47,6 +50,7 @@ class SyntheticQuery:
     altitude_m: float
     family: str
     heading_written: float | None  # what the XMP says (noisy), None when unknown
+    hfov_deg: float = 70.0
 
     def record(self) -> dict:
         d = asdict(self)
@@ -68,20 +72,21 @@ def make_queries(
     count: int,
     family: QueryFamily,
     seed: int,
-    footprint_m: float = 112.0,
     photo_size: tuple[int, int] = (240, 320),
-    hfov_deg: float = 70.0,
     x_range: tuple[float, float] | None = None,
 ) -> list[SyntheticQuery]:
     """``count`` queries of ``family`` centred at random ground points of ``raster``.
 
-    ``footprint_m`` is the ground width the photo's short side covers at nadir (scale jitter
-    multiplies it); ``x_range`` restricts centres to a band of eastings (a spatial split).
+    The family sets the lens (``hfov_deg``) and the ground width the photo's short side covers
+    at nadir (``footprint_m``, times the scale jitter); ``x_range`` restricts centres to a band of
+    eastings (a spatial split). For steep views the photo's far field reaches hundreds of metres
+    beyond its centre, possibly across the split line: the centre, not the far field, is split.
     """
     rng = np.random.default_rng(seed)
     info = raster_info(raster)
     left, bottom, right, top = info.bounds
     out: list[SyntheticQuery] = []
+    hfov_deg, footprint_m = family.hfov_deg, family.footprint_m
     for i in range(count):
         pitch = float(rng.choice(family.pitches))
         yaw = float(rng.uniform(0, 360))
@@ -107,7 +112,7 @@ def make_queries(
             written = (yaw + rng.uniform(-family.heading_noise_deg, family.heading_noise_deg)) % 360
         out.append(
             SyntheticQuery(
-                name=f"{family.name}_{i:04d}",
+                name=f"{re.sub(r'[^A-Za-z0-9]+', '-', family.name).strip('-')}_{i:04d}",
                 image=image,
                 center_lat=float(clat),
                 center_lon=float(clon),
@@ -118,14 +123,15 @@ def make_queries(
                 altitude_m=altitude,
                 family=family.name,
                 heading_written=written,
+                hfov_deg=hfov_deg,
             )
         )
     return out
 
 
-def write_query_photo(query: SyntheticQuery, folder: Path, hfov_deg: float = 70.0) -> Path:
+def write_query_photo(query: SyntheticQuery, folder: Path) -> Path:
     """Write the photo as a JPEG with EXIF GPS (camera) and DJI XMP (pitch, yaw, altitude)."""
-    f35 = 36.0 / (2 * math.tan(math.radians(hfov_deg) / 2))
+    f35 = 36.0 / (2 * math.tan(math.radians(query.hfov_deg) / 2))
     meta = CameraMetadata(
         gps_lat=query.camera_lat,
         gps_lon=query.camera_lon,
