@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 
 from cvgl.bench import real_pairs as rp
+from cvgl.bench.common import SharedTokens, load_backbone, raw_pixels
 from cvgl.errors import InputError
-from cvgl.models.encoder import create_encoder
+from cvgl.models.encoder import PRESETS, create_encoder
 
 TINY = "random:dinov2_tiny_test"
 TINY_SIZES = rp.Sizes(square=56, pano_height=28, pano_max_width=112)
@@ -157,21 +158,74 @@ def test_chance_recall_matches_closed_form() -> None:
     assert rp.chance_recall(np.array([1]), 5, 10) == 1.0  # k beyond the gallery
 
 
-def test_shared_backbone_equals_create_encoder(fake_root: Path) -> None:
+def test_encode_methods_equals_create_encoder(fake_root: Path) -> None:
     from cvgl.data.images import load_image
 
     images = [
-        load_image(fake_root / "cvact_streetpano_sat2density/ground/A1_grdView.png"),  # panorama
-        load_image(fake_root / "ortholoc_uav_orthophoto/site_query.jpg"),  # 4:3
-        load_image(fake_root / "sues200_drone_satellite/satellite_s0.png"),  # square
+        np.asarray(load_image(fake_root / "cvact_streetpano_sat2density/ground/A1_grdView.png")),  # panorama
+        np.asarray(load_image(fake_root / "ortholoc_uav_orthophoto/site_query.jpg")),  # 4:3
+        np.asarray(load_image(fake_root / "sues200_drone_satellite/satellite_s0.png")),  # square
     ]
-    methods = [rp.Method("g", "gem", TINY, seed=3), rp.Method("c", "cls", TINY, seed=3)]
+    methods = [rp.Method("g", "gem", TINY, seed=3), rp.Method("c", "cls", TINY, seed=3), rp.Method("raw")]
     out = rp.encode_methods(methods, images, TINY_SIZES)
     for label, preset in (("g", "gem"), ("c", "cls")):
         for i, image in enumerate(images):
             torch.manual_seed(3)
-            encoder = create_encoder(preset, TINY, input_size=TINY_SIZES.for_image(*image.size))
+            encoder = create_encoder(preset, TINY, input_size=TINY_SIZES.for_image(image.shape[1], image.shape[0]))
             np.testing.assert_allclose(out[label][i], encoder.encode([image])[0], atol=1e-5)
+    np.testing.assert_array_equal(out["raw"], raw_pixels(images))
+
+
+def test_shared_tokens_per_image_sizes_restore_order() -> None:
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((40, 90), (50, 50), (30, 70), (60, 60), (45, 45))]
+    sizes = [(28, 56), (42, 42), (28, 56), (42, 42), (56, 56)]  # interleaved groups, one singleton
+    heads = {"gem": PRESETS["gem"].head, "cls": PRESETS["cls"].head}
+    shared = SharedTokens(load_backbone(TINY, seed=5), heads, size=(42, 42))
+    out = shared.encode(images, batch=1, sizes=sizes)
+    for name in heads:
+        assert out[name].shape[0] == len(images) and out[name].dtype == np.float32
+        for i, (image, size) in enumerate(zip(images, sizes)):
+            torch.manual_seed(5)
+            encoder = create_encoder(name, TINY, input_size=size)
+            np.testing.assert_allclose(out[name][i], encoder.encode([image])[0], atol=1e-5)
+    # without sizes every image goes to the fixed size, as before
+    fixed = shared.encode(images, batch=2)
+    torch.manual_seed(5)
+    np.testing.assert_allclose(fixed["gem"], create_encoder("gem", TINY, input_size=(42, 42)).encode(images), atol=1e-5)
+    with pytest.raises(ValueError):
+        shared.encode(images, sizes=sizes[:2])
+
+
+def test_load_backbone_random_seed_leaves_global_rng() -> None:
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    a, b = load_backbone(TINY, seed=7), load_backbone(TINY, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_images_are_grey_unless_colour(fake_root: Path, monkeypatch) -> None:
+    seen: dict[bool, list[np.ndarray]] = {}
+
+    def fake_encode(methods, images, sizes=None, log=None):
+        seen[colour] = list(images)
+        rng = np.random.default_rng(0)
+        return {m.label: rng.normal(size=(len(images), 8)).astype(np.float32) for m in methods}
+
+    monkeypatch.setattr(rp, "encode_methods", fake_encode)
+    distractors = [np.full((40, 40, 3), v, dtype=np.uint8) for v in (10, 90)]
+    for colour in (False, True):
+        rows = rp.run(fake_root, [rp.Method("raw")], sizes=TINY_SIZES, distractors=distractors, alignments=("none",), colour=colour)
+        assert {r["colour"] for r in rows} == {colour}
+        text = rp.render_markdown(rows)
+        assert ("Images: **colour**" in text) == colour and ("Images: **grey**" in text) != colour
+    grey, coloured = seen[False], seen[True]
+    assert len(grey) == len(coloured) and all(g.ndim == 3 and g.shape[2] == 3 and g.dtype == np.uint8 for g in grey)
+    assert all((g[..., 0] == g[..., 1]).all() and (g[..., 1] == g[..., 2]).all() for g in grey)
+    assert any((c[..., 0] != c[..., 1]).any() for c in coloured)  # the fixtures are colour
+    for g, c in zip(grey, coloured):
+        np.testing.assert_array_equal(g[..., 0], np.asarray(Image.fromarray(c).convert("L")))
 
 
 def test_run_rows_and_chance_levels(fake_root: Path) -> None:

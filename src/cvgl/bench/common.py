@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import platform
 import time
+from collections import defaultdict
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -36,30 +38,83 @@ class SharedTokens:
     """Run one backbone once per batch with every needed block; pool with many heads.
 
     Comparing descriptors this way costs one backbone pass instead of one per descriptor, and
-    guarantees they all see exactly the same pixels.
+    guarantees they all see exactly the same pixels. Images are resized to ``size`` unless
+    :meth:`encode` is given a per-image input size; descriptors equal ``Encoder.encode`` at that size.
     """
 
     def __init__(self, backbone: DinoV2, heads: dict[str, HeadConfig], size: tuple[int, int] = (224, 224)) -> None:
         self.backbone = backbone
-        self.encoders = {name: Encoder(backbone, PoolingHead(h), size) for name, h in heads.items()}
+        self.size = tuple(size)
+        self.encoders = {name: Encoder(backbone, PoolingHead(h), self.size) for name, h in heads.items()}
         self.layers = sorted({backbone.resolve_layer(p.layer) for h in heads.values() for p in h.pools})
+        self._resizers: dict[tuple[int, int], Encoder] = {}
+
+    def _resizer(self, size: tuple[int, int]) -> Encoder:
+        """An encoder at ``size`` whose ``to_tensor``, mean and std prepare that size's batches."""
+        first = next(iter(self.encoders.values()))
+        if size == self.size:
+            return first
+        if size not in self._resizers:
+            self._resizers[size] = Encoder(self.backbone, first.head, size)  # checks multiples of 14
+        return self._resizers[size]
 
     @torch.inference_mode()
-    def encode(self, images: list[np.ndarray], batch: int = 16) -> dict[str, np.ndarray]:
-        out: dict[str, list[np.ndarray]] = {name: [] for name in self.encoders}
-        first = next(iter(self.encoders.values()))
-        for start in range(0, len(images), batch):
-            x = torch.stack([first.to_tensor(im) for im in images[start : start + batch]])
-            x = (x - first.mean) / first.std
-            for norm in (True, False):
-                names = [n for n, e in self.encoders.items() if e.head.config.final_norm == norm]
-                if names:
-                    tokens = self.backbone.forward_layers(x, self.layers, norm=norm)
+    def encode(
+        self,
+        images: Sequence[np.ndarray],
+        batch: int = 16,
+        sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """``images``: HxWx3 uint8 -> ``{head: [N, D] float32}``, rows in input order.
+
+        ``sizes``: optional (height, width) input size per image (multiples of 14). Images are
+        grouped by size, each group runs through the backbone in batches of ``batch``, and the
+        descriptors are put back in input order. Default: every image at ``self.size``.
+        """
+        targets = [self.size] * len(images) if sizes is None else [tuple(s) for s in sizes]
+        if len(targets) != len(images):
+            raise ValueError(f"{len(images)} images but {len(targets)} input sizes")
+        by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, size in enumerate(targets):
+            by_size[size].append(i)
+        out: dict[str, list] = {name: [None] * len(images) for name in self.encoders}
+        resolve = self.backbone.resolve_layer
+        for size, indices in by_size.items():
+            prep = self._resizer(size)
+            for start in range(0, len(indices), batch):
+                chunk = indices[start : start + batch]
+                x = torch.stack([prep.to_tensor(images[i]) for i in chunk])
+                x = (x - prep.mean) / prep.std
+                for norm in (True, False):
+                    names = [n for n, e in self.encoders.items() if e.head.config.final_norm == norm]
+                    if not names:
+                        continue
+                    # only the blocks this pass needs: the backbone stops after the deepest one
+                    layers = sorted({resolve(spec) for n in names for spec in self.encoders[n].head.layers})
+                    tokens = self.backbone.forward_layers(x, layers, norm=norm)
                     for name in names:
                         head = self.encoders[name].head
-                        mapped = {spec: tokens[self.backbone.resolve_layer(spec)] for spec in head.layers}
-                        out[name].append(head(mapped).numpy())
-        return {name: np.concatenate(v) for name, v in out.items()}
+                        desc = head({spec: tokens[resolve(spec)] for spec in head.layers}).float().numpy()
+                        for row, i in enumerate(chunk):
+                            out[name][i] = desc[row]
+        return {name: np.stack(rows).astype(np.float32) for name, rows in out.items()}
+
+
+def load_backbone(weights: str = "embedded", seed: int | None = None) -> DinoV2:
+    """A backbone from ``"embedded"``, a file, ``"hub:<arch>"`` or ``"random:<arch>"``.
+
+    Random initialisation draws from ``torch.manual_seed(seed)`` without touching the global
+    generator when ``seed`` is given, and from the global generator when it is None.
+    """
+    if weights.startswith("random:"):
+        arch = weights.split(":", 1)[1]
+        if seed is None:
+            return build_backbone(arch)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_backbone(arch)
+    loaded = load_weights(weights)
+    return build_backbone(loaded.arch, loaded.state_dict)
 
 
 def raw_pixels(images: list[np.ndarray]) -> np.ndarray:
@@ -82,11 +137,10 @@ class Methods:
         random_heads: dict[str, HeadConfig] | None = None,
         size: tuple[int, int] = (224, 224),
     ) -> None:
-        weights = load_weights("embedded")
-        self.pretrained = SharedTokens(build_backbone(weights.arch, weights.state_dict), heads or PRETRAINED_HEADS, size)
+        self.pretrained = SharedTokens(load_backbone("embedded"), heads or PRETRAINED_HEADS, size)
         torch.manual_seed(seed)
         random_heads = RANDOM_HEADS if random_heads is None else random_heads
-        self.random = SharedTokens(build_backbone("dinov2_vits14"), random_heads, size) if random_heads else None
+        self.random = SharedTokens(load_backbone("random:dinov2_vits14"), random_heads, size) if random_heads else None
 
     def encode(self, images: list[np.ndarray], with_random: bool = True) -> dict[str, np.ndarray]:
         out = {"raw pixels": raw_pixels(images)}

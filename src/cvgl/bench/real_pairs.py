@@ -31,7 +31,11 @@ are encoded at 224², 4:3 photos at about the same token count with their aspect
 height 154 keeping their aspect (see :class:`Sizes`). The chance level is the expected R@1 (and
 R@10) of a uniformly random ranking of the task's gallery.
 
-    python -m cvgl.bench.real_pairs [--out FILE] [--root DIR]
+Every image (queries, gallery, distractors) is encoded as grey RGB by default: the Longmont
+distractors are panchromatic, so in colour a colour-sensitive descriptor discards them for free.
+``--colour`` keeps the original colours.
+
+    python -m cvgl.bench.real_pairs [--out FILE] [--root DIR] [--colour]
 """
 
 from __future__ import annotations
@@ -52,12 +56,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cvgl.bench.common import SharedTokens, load_backbone, raw_pixels
 from cvgl.errors import InputError
 from cvgl.evaluate import recall_at_k
 from cvgl.io import write_text_atomic
-from cvgl.models.backbone import PATCH, build_backbone
-from cvgl.models.encoder import IMAGENET_MEAN, IMAGENET_STD, PRESETS
-from cvgl.models.heads import HeadConfig, PoolingHead
+from cvgl.models.backbone import PATCH
+from cvgl.models.encoder import PRESETS
 from cvgl.zeroshot.alignment import Alignment, fit_alignment
 
 STREET = "street→satellite"
@@ -248,28 +252,17 @@ class Sizes:
         return rows * PATCH, cols * PATCH
 
 
-def raw_pixels(image: Image.Image) -> np.ndarray:
-    """The no-learning baseline: a 32x32 grey thumbnail, zero-mean, unit-norm."""
-    g = np.asarray(image.convert("L").resize((32, 32), Image.BILINEAR), dtype=np.float32).ravel()
-    g -= g.mean()
-    return g / max(float(np.linalg.norm(g)), 1e-6)
-
-
-def resize_for_encoder(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """HxWx3 uint8 at ``size`` (height, width), resized exactly as ``Encoder.to_tensor`` does."""
-    height, width = size
-    pil = image.convert("RGB")
-    if pil.size != (width, height):
-        pil = pil.resize((width, height), Image.BICUBIC)
-    return np.asarray(pil, dtype=np.uint8)
-
-
-def _open(item: Query | GalleryItem) -> Image.Image:
+def load_pixels(item: Query | GalleryItem, colour: bool = False) -> np.ndarray:
+    """HxWx3 uint8 of a query, gallery image or distractor; grey RGB unless ``colour``."""
     from cvgl.data.images import load_image
 
     if getattr(item, "image", None) is not None:
-        return Image.fromarray(np.asarray(item.image, dtype=np.uint8)).convert("RGB")
-    return load_image(item.path)
+        image = Image.fromarray(np.asarray(item.image, dtype=np.uint8)).convert("RGB")
+    else:
+        image = load_image(item.path)
+    if not colour:
+        image = image.convert("L").convert("RGB")
+    return np.asarray(image, dtype=np.uint8)
 
 
 def longmont_distractors(**tiling) -> list[GalleryItem]:
@@ -313,69 +306,21 @@ DEFAULT_METHODS: tuple[Method, ...] = (
 )
 
 
-class SharedBackbone:
-    """Run a backbone once per image with every block the heads need; pool with every head.
-
-    A small sibling of ``benchmarks/zeroshot.py``'s ``SharedTokens`` that also takes images of
-    several input sizes (batched per size). Descriptors equal ``create_encoder(...).encode``.
-    """
-
-    def __init__(self, backbone, heads: dict[str, HeadConfig]) -> None:
-        self.backbone = backbone
-        self.heads = {name: PoolingHead(config) for name, config in heads.items()}
-        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-
-    @torch.inference_mode()
-    def encode(self, images: Sequence[np.ndarray], batch_size: int = 8) -> dict[str, np.ndarray]:
-        """``images``: HxWx3 uint8 already at their input size -> ``{head: [N, D]}``."""
-        out: dict[str, list] = {name: [None] * len(images) for name in self.heads}
-        by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for i, image in enumerate(images):
-            by_size[tuple(image.shape[:2])].append(i)
-        resolve = self.backbone.resolve_layer
-        for indices in by_size.values():
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start : start + batch_size]
-                x = torch.from_numpy(np.stack([images[i] for i in chunk])).permute(0, 3, 1, 2).float() / 255.0
-                x = (x - self.mean) / self.std
-                for norm in (True, False):
-                    names = [n for n, h in self.heads.items() if h.config.final_norm == norm]
-                    if not names:
-                        continue
-                    layers = sorted({resolve(layer) for n in names for layer in self.heads[n].layers})
-                    tokens = self.backbone.forward_layers(x, layers, norm=norm)
-                    for name in names:
-                        head = self.heads[name]
-                        desc = head({layer: tokens[resolve(layer)] for layer in head.layers}).float().numpy()
-                        for row, i in enumerate(chunk):
-                            out[name][i] = desc[row]
-        return {name: np.stack(rows).astype(np.float32) for name, rows in out.items()}
-
-
-def _build_backbone(weights: str, seed: int):
-    if weights.startswith("random:"):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return build_backbone(weights.split(":", 1)[1])
-    from cvgl.weights import load_weights
-
-    loaded = load_weights(weights)
-    return build_backbone(loaded.arch, loaded.state_dict)
-
-
 def encode_methods(
     methods: Sequence[Method],
-    images: Sequence[Image.Image],
+    images: Sequence[np.ndarray],
     sizes: Sizes = Sizes(),
     log: Callable[[str], None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """``{method label: [N, D] descriptors}``; each backbone is built and run once for all its heads."""
-    prepared = [resize_for_encoder(im, sizes.for_image(*im.size)) for im in images]
+    """``{method label: [N, D] descriptors}`` of HxWx3 uint8 ``images``, each at its :class:`Sizes` input size.
+
+    Each backbone is built and run once for all its heads (:class:`cvgl.bench.common.SharedTokens`).
+    """
+    input_sizes = [sizes.for_image(im.shape[1], im.shape[0]) for im in images]
     out: dict[str, np.ndarray] = {}
     raw = [m for m in methods if m.preset is None]
     if raw:
-        thumbs = np.stack([raw_pixels(im) for im in images])
+        thumbs = raw_pixels(list(images))
         out.update({m.label: thumbs for m in raw})
     groups: dict[tuple[str, int], list[Method]] = defaultdict(list)
     for m in methods:
@@ -383,10 +328,10 @@ def encode_methods(
             groups[(m.weights, m.seed if m.weights.startswith("random:") else 0)].append(m)
     for (weights, seed), members in groups.items():
         started = time.time()
-        shared = SharedBackbone(_build_backbone(weights, seed), {m.label: PRESETS[m.preset].head for m in members})
-        out.update(shared.encode(prepared))
+        shared = SharedTokens(load_backbone(weights, seed), {m.label: PRESETS[m.preset].head for m in members})
+        out.update(shared.encode(images, batch=8, sizes=input_sizes))
         if log:
-            log(f"real-pairs: encoded {len(prepared)} images with {weights} ({len(members)} heads) in {time.time() - started:.0f} s")
+            log(f"real-pairs: encoded {len(images)} images with {weights} ({len(members)} heads) in {time.time() - started:.0f} s")
     return out
 
 
@@ -432,6 +377,7 @@ def run(
     sizes: Sizes = Sizes(),
     distractors: Sequence[GalleryItem | np.ndarray] | str = "longmont",
     alignments: Sequence[str] = ("none", "coral"),
+    colour: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Evaluate every method and alignment on both tasks; one row per (task, method, alignment).
@@ -440,6 +386,10 @@ def run(
     HxWx3 uint8 arrays added to every task's gallery. Alignments other than ``none`` are fitted
     on the task's query descriptors without labels (including unanswerable queries) and the
     task's gallery; the leaky row (``Method.leaky``) uses the labels and says so.
+
+    Every image (queries, gallery, distractors) is encoded as grey RGB unless ``colour``: the
+    Longmont distractors are panchromatic, so in colour they are trivially set apart (see
+    :data:`GREY_NOTE`). Each row records the mode in ``"colour"``.
     """
     tasks = load_tasks(Path(root))
     if isinstance(distractors, str):
@@ -458,8 +408,8 @@ def run(
     ids = list(items)
     index = {item_id: i for i, item_id in enumerate(ids)}
     if log:
-        log(f"real-pairs: {len(ids)} images ({len(extra)} distractors), {len(methods)} methods")
-    descriptors = encode_methods(methods, [_open(items[i]) for i in ids], sizes, log)
+        log(f"real-pairs: {len(ids)} images ({len(extra)} distractors), {len(methods)} methods, {'colour' if colour else 'grey'}")
+    descriptors = encode_methods(methods, [load_pixels(items[i], colour) for i in ids], sizes, log)
 
     rows: list[dict] = []
     for task in tasks:
@@ -477,6 +427,7 @@ def run(
             "gallery_distractors": len(extra),
             "chance_R@1": float(np.mean(n_pos / g_size)) if len(n_pos) else float("nan"),
             "chance_R@10": chance_recall(n_pos, g_size, 10) if len(n_pos) else float("nan"),
+            "colour": colour,
         }
         sources = np.array([q.source for q in task.queries])
         q_idx = [index[q.id] for q in task.queries]
@@ -559,8 +510,9 @@ def render_markdown(rows: list[dict], meta: dict | None = None) -> str:
             lines.append(
                 f"| {r['method']} | {label} | {_f(r['R@1'])} | {_f(r['R@5'])} | {_f(r['R@10'])} | " + " | ".join(per) + " |"
             )
+    colour = any(r.get("colour", False) for r in rows)
     lines += ["", "Notes:", ""]
-    lines += [f"- {note}" for note in NOTES]
+    lines += [f"- {note}" for note in (*NOTES, COLOUR_NOTE if colour else GREY_NOTE)]
     return "\n".join(lines) + "\n"
 
 
@@ -574,9 +526,19 @@ NOTES = (
     " can answer them), counted as unpaired queries. OrthoLoC `urban_residential_xDOP.tif` (same footprint,"
     " other date) is a second positive of `urban_residential`. The two Dayton crops of one panorama id share"
     " both aerial crops as positives.",
-    "The Longmont distractors are panchromatic (grey) while the real galleries are colour, so a"
-    " colour-sensitive descriptor can set them aside cheaply: they make the gallery larger but easier than"
-    " its size suggests. The raw-pixel baseline is grey and gets no such help.",
+)
+GREY_NOTE = (
+    "Images: **grey** (default). Every image (queries, real gallery, distractors) was converted to grey RGB"
+    " (PIL `L` then `RGB`) before encoding. The Longmont distractors are panchromatic while the real"
+    " galleries are colour, so in colour any colour-sensitive descriptor sets the distractors aside cheaply"
+    " (a random-init ViT answered every OrthoLoC query): grey removes that shortcut, so the distractors"
+    " count. `--colour` gives the colour numbers."
+)
+COLOUR_NOTE = (
+    "Images: **colour** (`--colour`). The Longmont distractors are panchromatic (grey) while the real"
+    " galleries are colour, so a colour-sensitive descriptor can set them aside cheaply: they make the"
+    " gallery larger but easier than its size suggests (a random-init ViT answered every OrthoLoC query)."
+    " The raw-pixel baseline is grey and gets no such help. The default run converts every image to grey."
 )
 
 
@@ -616,6 +578,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--root", type=Path, default=None, help=f"real_pairs folder (default ${ENV_VAR} or {DEFAULT_ROOT_TEXT})")
     parser.add_argument("--out", type=Path, default=None, help="also write the Markdown table here (atomically)")
+    parser.add_argument(
+        "--colour", action="store_true",
+        help="encode images in colour (default: every image as grey RGB, so the grey distractors are no shortcut)",
+    )
     args = parser.parse_args(argv)
     root, shown = resolve_root(args.root)
     if not root.is_dir():
@@ -637,7 +603,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"real-pairs: no distractors ({exc})")
         distractors, distractor_text = [], f"none ({exc})"
     sizes = Sizes()
-    rows = run(root, DEFAULT_METHODS, sizes=sizes, distractors=distractors, log=log)
+    rows = run(root, DEFAULT_METHODS, sizes=sizes, distractors=distractors, colour=args.colour, log=log)
     elapsed = time.time() - started
     meta = {
         "root": shown,

@@ -19,10 +19,9 @@ readable image raises :class:`~cvgl.errors.InputError`.
 
 from __future__ import annotations
 
+import io
 import math
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from PIL.TiffImagePlugin import IFDRational
 
 from cvgl.data.images import open_image
 from cvgl.errors import InputError
+from cvgl.io import write_bytes_atomic
 
 DJI_NAMESPACE = "http://www.dji.com/drone-dji/1.0/"
 
@@ -144,7 +144,7 @@ def write_camera_metadata(
     """Save ``image`` as a JPEG carrying ``meta`` as EXIF GPS/focal tags and a DJI-style XMP packet.
 
     Used to make synthetic drone photos that behave like real ones in every later stage. The file
-    is written to a temporary name in the same folder and moved into place with ``os.replace``,
+    is written to a temporary name in the same folder and renamed into place (:mod:`cvgl.io`),
     so a crash never leaves a half-written JPEG that a later run would trip over. ``meta.width``
     and ``meta.height`` are ignored: the image defines its own size. The 35 mm focal length is an
     integer (SHORT) in EXIF, so it is rounded.
@@ -160,21 +160,13 @@ def write_camera_metadata(
     if xmp is not None:
         save_kwargs["xmp"] = xmp
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=folder)
+    buffer = io.BytesIO()
+    rgb.save(buffer, **save_kwargs)
     try:
-        with os.fdopen(fd, "wb") as fp:
-            rgb.save(fp, **save_kwargs)
-            fp.flush()
-            os.fsync(fp.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; a photo should be readable like any other
-        os.replace(tmp_name, p)
+        write_bytes_atomic(p, buffer.getvalue())
     except OSError as exc:
-        _remove_quietly(tmp_name)
         raise InputError(f"{p}: cannot write JPEG ({exc.strerror or exc}); "
                          "check the folder is writable and the disk has space") from exc
-    except BaseException:
-        _remove_quietly(tmp_name)
-        raise
 
 
 def build_dji_xmp(meta: CameraMetadata) -> bytes | None:
@@ -461,8 +453,3 @@ def _xmp_number(value: float) -> str:
     return f"{whole}.{fraction.rstrip('0').ljust(2, '0')}"
 
 
-def _remove_quietly(name: str) -> None:
-    try:
-        os.remove(name)
-    except OSError:
-        pass

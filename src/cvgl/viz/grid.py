@@ -14,14 +14,16 @@ Layout (all in pixels, see :func:`grid_size`)::
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from cvgl.io import write_bytes_atomic
 
 __all__ = ["write_retrieval_grid", "grid_size", "PAD", "TITLE_H", "LABEL_H", "FRAME"]
 
@@ -87,21 +89,6 @@ def _fit_text(
     while text and draw.textlength(text + "...", font=font) > width:
         text = text[:-1]
     return text + "..."
-
-
-def _atomic_save_png(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _get(seq: Sequence | None, k: int) -> Any:
@@ -185,5 +172,7 @@ def write_retrieval_grid(
             colour = _TEXT if ok is None else (_GREEN if bool(ok) else _RED)
             draw.text((x, text_y), _fit_text(draw, label, label_font, cell), fill=colour, font=label_font)
 
-    _atomic_save_png(canvas, out)
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    write_bytes_atomic(out, buffer.getvalue())
     return out

@@ -25,7 +25,6 @@ import html
 import io
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,8 @@ import numpy as np
 import pandas as pd
 from folium.plugins import HeatMap
 from PIL import Image, ImageDraw, ImageFont
+
+from cvgl.io import write_text_atomic
 
 __all__ = ["write_map_html", "RANK_COLOURS", "MAX_VISIBLE"]
 
@@ -366,21 +367,6 @@ window.addEventListener("load", function () {{
 """
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def write_map_html(
     out_path: str | os.PathLike,
     results: list[dict],
@@ -583,5 +569,5 @@ def write_map_html(
     preview = _jpeg_data_uri(_static_preview(ok, base_image, preview_bounds, tile_m))
     root.html.add_child(folium.Element(_offline_block(m.get_name(), title, preview, ok, failed)))
 
-    _atomic_write_text(out, root.render())
+    write_text_atomic(out, root.render())
     return out
