@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotations", type=int, default=16, help="heading hypotheses when the heading is unknown")
     p.add_argument("--heading-tolerance", type=float, default=0.0, help="also try heading +- this (degrees)")
     p.add_argument(
-        "--batch-alignment", default=None, choices=["center", "coral"],
-        help="fit a query-view alignment on this batch of photos (no labels; needs >= 16 photos)",
+        "--batch-alignment", default="center", choices=["center", "coral", "off"],
+        help="fit a query-view alignment on this batch of photos (no labels; used with >= 16 photos)",
     )
     encoder_args(p, None)
 
@@ -123,7 +123,7 @@ def cmd_locate(args: argparse.Namespace) -> int:
     options = LocateOptions(
         view=args.view, top_k=args.top_k, heading_deg=args.heading, pitch_deg=args.pitch,
         altitude_m=args.altitude, hfov_deg=args.hfov, rotations=args.rotations,
-        batch_alignment=args.batch_alignment, heading_tolerance_deg=args.heading_tolerance,
+        batch_alignment=None if args.batch_alignment == "off" else args.batch_alignment, heading_tolerance_deg=args.heading_tolerance,
     )
     results, scores, _ = locate_images(args.images, encoder, manifest_index, options)
     if args.json:

@@ -53,9 +53,9 @@ def run_demo(out: Path, per_family: int = 12, seed: int = 0, preset: str = DEFAU
     paths = [write_query_photo(q, out / "queries") for q in queries]
 
     print("[3/3] locating them ...")
-    # CORAL on the batch's own (unlabelled) descriptors: the best leak-free alignment measured in
-    # benchmarks/zeroshot.py; no truth is used.
-    options = LocateOptions(view="drone", top_k=10, batch_alignment="coral")
+    # Centring on the batch's own (unlabelled) descriptors, the locate default: the best leak-free
+    # alignment measured by `cvgl bench longmont`; no truth is used.
+    options = LocateOptions(view="drone", top_k=10)
     results, scores, _ = locate_images(paths, encoder, index, options)
     truth = {q.name: q for q in queries}
     for r in results:

@@ -25,7 +25,7 @@ PRETRAINED_HEADS: dict[str, HeadConfig] = {
     "gem-l8 signed": PRESETS["gem-l8-signed"].head,
     "gem-l8 abs": HeadConfig((PoolSpec(kind="gem", layer=8, signed="abs"),)),
     "gem-l8 disc": PRESETS["gem-l8-disc"].head,
-    "gem-l8 no final norm": HeadConfig((PoolSpec(kind="gem", layer=8),), final_norm=False),
+    "gem-l8-raw (no final norm)": PRESETS["gem-l8-raw"].head,
     "hier l6+l8+l10": PRESETS["hier-l6-l8-l10"].head,
 }
 RANDOM_HEADS: dict[str, HeadConfig] = {
