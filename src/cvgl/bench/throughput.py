@@ -510,6 +510,48 @@ def index_run(weights: str = "embedded", cli: bool = True) -> IndexRunResult:
 # ----------------------------------------------------------------------------------------------
 
 
+class CpuMonitor:
+    """How much CPU *other* processes used while we measured (machine busy time minus our own).
+
+    The machine is shared; a timing taken while something else ran is not this code's speed. Each
+    section reports the average number of cores others kept busy (from ``/proc/stat``), so a
+    contaminated number is visible in the output instead of silently slow.
+    """
+
+    def __init__(self) -> None:
+        self._start = self._snapshot()
+
+    @staticmethod
+    def _snapshot() -> tuple[float, float, float, float] | None:
+        import resource
+
+        try:
+            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        except (OSError, IndexError):
+            return None
+        ticks = os.sysconf("SC_CLK_TCK")
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+        own = sum(
+            r.ru_utime + r.ru_stime
+            for r in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+        )
+        return time.perf_counter(), (user + nice + system + irq + softirq) / ticks, steal / ticks, own
+
+    def restart(self) -> None:
+        self._start = self._snapshot()
+
+    def others(self) -> str:
+        """'other processes: X cores on average (steal Y)' since the last restart."""
+        end = self._snapshot()
+        if self._start is None or end is None:
+            return "CPU use of other processes: unknown (no /proc/stat)"
+        wall = max(end[0] - self._start[0], 1e-9)
+        others = max(0.0, (end[1] - self._start[1]) - (end[3] - self._start[3])) / wall
+        steal = (end[2] - self._start[2]) / wall
+        return (f"other processes kept {others:.2f} of {os.cpu_count()} cores busy on average during this section"
+                f" (hypervisor steal {steal:.2f} cores)")
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -564,8 +606,10 @@ def run(config: Config, argv: Sequence[str], log: Callable[[str], None]) -> str:
     from cvgl.models.encoder import DEFAULT_PRESET, create_encoder
 
     started = time.perf_counter()
-    lines = ["# cvgl throughput benchmark", ""] + machine_header(argv) + [""]
+    title = "## Benchmark `throughput` (encoder vs FLOP-bound limit, `cvgl index`, search)"
+    lines = [title, ""] + machine_header(argv) + [""]
 
+    monitor = CpuMonitor()
     # -- 1 + 2: encoder throughput and the FLOP-bound limit ------------------------------------
     ref_rate: float | None = None  # pure-encoder images/s, default preset, batch 16, 224 px
     encoders = {}
@@ -611,7 +655,7 @@ def run(config: Config, argv: Sequence[str], log: Callable[[str], None]) -> str:
                     if preset == DEFAULT_PRESET and size == 224 and batch == 16:
                         ref_rate = results[-1].images_per_s
         lines += [
-            "## 1. Encoder throughput (pixels -> descriptor, `Encoder.forward` on ready tensors)",
+            "### 1. Encoder throughput (pixels -> descriptor, `Encoder.forward` on ready tensors)",
             "",
             f"torch threads: {torch.get_num_threads()}; median of >= {config.min_runs} timed runs after a "
             "warm-up; weights: " + config.weights + ".",
@@ -637,7 +681,7 @@ def run(config: Config, argv: Sequence[str], log: Callable[[str], None]) -> str:
         )
         lines += [
             "",
-            "## 2. FLOP-bound limit",
+            "### 2. FLOP-bound limit",
             "",
             f"Limit = dense GEMM rate {rate:.1f} GFLOP/s (float32 `torch.matmul` "
             f"{big}x{width} @ {width}x{hidden}, the MLP fc1 of batch 16 at 224 px) / analytic GFLOP per image. "
@@ -652,6 +696,7 @@ def run(config: Config, argv: Sequence[str], log: Callable[[str], None]) -> str:
             [[g.label, "x".join(map(str, g.shape)), f"{g.gflops:.1f}", f"{g.seconds * 1e3:.2f}", g.runs]
              for g in gemms],
         )
+        lines += ["", f"While sections 1-2 ran, {monitor.others()}."]
         lines += ["", "FLOPs per image: analytic formula vs `torch.utils.flop_counter.FlopCounterMode`:", ""]
         seen = set()
         flop_rows = []
@@ -683,6 +728,7 @@ def run(config: Config, argv: Sequence[str], log: Callable[[str], None]) -> str:
     # -- 3: cvgl index end to end ----------------------------------------------------------------
     if "index" in config.sections:
         log("cvgl index on Longmont WV3")
+        monitor.restart()
         if ref_rate is None:
             encoder = encoders.get(DEFAULT_PRESET) or create_encoder(DEFAULT_PRESET, config.weights)
             seconds, _ = time_encoder(encoder, 224, 16, config.min_runs)
@@ -703,13 +749,14 @@ def run(config: Config, argv: Sequence[str], log: Callable[[str], None]) -> str:
         rows.append(["pure encoder `forward`, batch 16, 224 px (section 1, this run)", "-", "-", f"{ref_rate:.2f}",
                      "100%"])
         lines += [
-            "## 3. `cvgl index` end to end (Longmont WV3, 112 m tiles, stride 56 m, 0.5 m GSD, default encoder)",
+            "### 3. `cvgl index` end to end (Longmont WV3, 112 m tiles, stride 56 m, 0.5 m GSD, default encoder)",
             "",
         ]
         lines += _table(["stage", "tiles", "seconds", "tiles/s", "vs pure encoder (batch 16, 224 px)"], rows)
         lines += [
             "",
-            f"Model load in-process (`create_encoder`, weights already converted and cached): {res.load_s:.2f} s.",
+            f"Model load in-process (`create_encoder`, weights already converted and cached): {res.load_s:.2f} s. "
+            f"While section 3 ran, {monitor.others()}.",
             "",
         ]
 
@@ -717,6 +764,7 @@ def run(config: Config, argv: Sequence[str], log: Callable[[str], None]) -> str:
     if "search" in config.sections:
         mixture_desc = ""
         search_rows = []
+        monitor.restart()
         for n in config.search_sizes:
             log(f"search: {n:,} descriptors")
             t0 = time.perf_counter()
@@ -733,7 +781,7 @@ def run(config: Config, argv: Sequence[str], log: Callable[[str], None]) -> str:
             del database, queries, truth
             gc.collect()
         lines += [
-            "## 4. Search latency and recall@10 (dim 384, float32, k = 10)",
+            "### 4. Search latency and recall@10 (dim 384, float32, k = 10)",
             "",
             f"Data: {mixture_desc}. Queries: {config.search_queries} random database items plus noise shaped "
             f"like their own cluster ({QUERY_NOISE:g} x the cluster's per-axis std, rotated), re-normalised; the item "
@@ -749,7 +797,7 @@ def run(config: Config, argv: Sequence[str], log: Callable[[str], None]) -> str:
              "match at 1"],
             search_rows,
         )
-        lines.append("")
+        lines += ["", f"While section 4 ran, {monitor.others()}.", ""]
     lines += [f"Total run time: {time.perf_counter() - started:.0f} s.", ""]
     return "\n".join(lines)
 
