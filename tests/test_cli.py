@@ -221,3 +221,33 @@ def test_locate_missing_index(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     lines = error_lines(capsys.readouterr().err)
     assert code == 2
     assert len(lines) == 1 and "no_index" in lines[0]
+
+
+# ------------------------------------------------------------------------------ tile folder + search
+
+
+def test_tile_folder_index_and_scale_search(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A folder of tiles + tiles.csv indexes; a photo without altitude searches heading and scale,
+    and the JSON reports the winning heading and scale; the tile that *is* the photo comes first."""
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    rows = ["id,lat,lon"]
+    for i in range(6):
+        Image.fromarray(_photo(100 + i, (56, 56))).save(folder / f"t{i}.png")
+        rows.append(f"t{i},{40.0 + i * 0.001:.6f},-105.0")
+    (folder / "tiles.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "folder_index"
+    assert run(["index", folder, "--out", out, "--encoder", "gem", *TINY]) == 0
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.rot90(np.asarray(Image.open(folder / "t3.png")), k=-1).copy()).save(photo)
+    capsys.readouterr()
+    result_path = tmp_path / "out.json"
+    code = run(["locate", out, photo, "--encoder", "gem", *TINY, "--view", "drone", "--rotations", "4",
+                "--scales", "0.5,1.0", "--json", result_path, "--top-k", "3"])
+    assert code == 0
+    (result,) = json.loads(result_path.read_text())
+    assert result["top_k"][0]["tile_id"] == "t3"
+    assert result["heading_source"] == "search"
+    assert result["heading_deg"] == pytest.approx(270.0)  # undoing a quarter turn clockwise
+    assert result["scale"] == 1.0
+    assert 0.0 < result["confidence"] <= 1.0

@@ -26,7 +26,7 @@ def _bands(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cvgl.models.encoder import DEFAULT_PRESET, PRESETS
+    from cvgl.models.presets import DEFAULT_PRESET, PRESETS
     from cvgl.zeroshot.alignment import DEFAULT_KIND
 
     parser = argparse.ArgumentParser(prog="cvgl", description="Cross-view geo-localization.")
@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--altitude", type=float, default=None, help="height above ground, metres")
     p.add_argument("--hfov", type=float, default=None, help="horizontal field of view, degrees")
     p.add_argument("--rotations", type=int, default=16, help="heading hypotheses when the heading is unknown")
+    p.add_argument(
+        "--scales", type=lambda t: tuple(float(v) for v in t.split(",")), default=(1.0,),
+        help="footprint hypotheses when the altitude is unknown: fractions of the photo's short side, e.g. 0.6,0.8,1",
+    )
     p.add_argument("--heading-tolerance", type=float, default=0.0, help="also try heading +- this (degrees)")
     p.add_argument(
         "--batch-alignment", default="center", choices=["center", "coral", "off"],
@@ -122,7 +126,7 @@ def cmd_locate(args: argparse.Namespace) -> int:
     manifest_index.check_encoder(encoder.identity)
     options = LocateOptions(
         view=args.view, top_k=args.top_k, heading_deg=args.heading, pitch_deg=args.pitch,
-        altitude_m=args.altitude, hfov_deg=args.hfov, rotations=args.rotations,
+        altitude_m=args.altitude, hfov_deg=args.hfov, rotations=args.rotations, scales=args.scales,
         batch_alignment=None if args.batch_alignment == "off" else args.batch_alignment, heading_tolerance_deg=args.heading_tolerance,
     )
     results, scores, _ = locate_images(args.images, encoder, manifest_index, options)

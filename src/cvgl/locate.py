@@ -194,6 +194,10 @@ def answer(
         "heading_deg": float(hyp.heading_deg % 360.0),
         "heading_source": query.heading_source,
         "pitch_deg": query.pitch_deg,
+        "altitude_m": query.altitude_m,
+        # Fraction of the photo's short side taken as the tile footprint (the winning hypothesis
+        # when the altitude is unknown; 1.0 when the altitude fixed the scale).
+        "scale": float(hyp.scale),
         "top_k": [
             {"tile_id": str(tiles["tile_id"].iloc[i]), "lat": float(lat[i]), "lon": float(lon[i]), "score": float(tile_scores[i])}
             for i in order

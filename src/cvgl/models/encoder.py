@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,72 +18,11 @@ from torch import nn
 
 from cvgl.errors import WeightsError
 from cvgl.models.backbone import PATCH, DinoV2, build_backbone
-from cvgl.models.heads import HeadConfig, PoolingHead, PoolSpec
+from cvgl.models.heads import PoolingHead
+from cvgl.models.presets import DEFAULT_PRESET, PRESETS, EncoderPreset, HeadConfig, PoolSpec, get_preset
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class EncoderPreset:
-    """A named zero-shot recipe: head + input size. Weights are chosen separately."""
-
-    name: str
-    head: HeadConfig
-    input_size: tuple[int, int] = (224, 224)  # (height, width); both multiples of 14
-    description: str = ""
-
-
-def _gem(layer: int, signed: str = "clamp", weight: float = 1.0) -> PoolSpec:
-    return PoolSpec(kind="gem", layer=layer, signed=signed, weight=weight)
-
-
-PRESETS: dict[str, EncoderPreset] = {
-    p.name: p
-    for p in [
-        EncoderPreset("cls", HeadConfig((PoolSpec(kind="cls", layer=-1),)), description="last-layer class token"),
-        EncoderPreset("gem", HeadConfig((_gem(-1),)), description="GeM p=3 (clamped) over last-layer patches"),
-        EncoderPreset(
-            "swrmac",
-            HeadConfig((PoolSpec(kind="swrmac", layer=-1, levels=(1, 2, 3), level_power=6.0),)),
-            description="Scale-Weighted R-MAC, levels 1-3, weight 1/l^6, last layer",
-        ),
-        EncoderPreset(
-            "vfmloc-ref",
-            HeadConfig((_gem(-1), PoolSpec(kind="swrmac", layer=-1, levels=(1, 2), level_power=6.0))),
-            description="VFM-Loc reference: GeM p=3 with clamp + SW-RMAC levels [1,2], weights 1/l^6, last layer",
-        ),
-        EncoderPreset("gem-l8", HeadConfig((_gem(8),)), description="GeM p=3 (clamped) over block-8 patches"),
-        EncoderPreset(
-            "gem-l8-signed", HeadConfig((_gem(8, "signed"),)), description="signed GeM p=3 over block-8 patches"
-        ),
-        EncoderPreset(
-            "gem-l8-raw",
-            HeadConfig((_gem(8),), final_norm=False),
-            description="GeM p=3 over block-8 patch tokens as they leave the block (no final LayerNorm)",
-        ),
-        EncoderPreset(
-            "gem-l8-disc",
-            HeadConfig((PoolSpec(kind="gem", layer=8, region="disc"),)),
-            description="GeM p=3 over block-8 patches inside the inscribed disc (rotation hypotheses compare like with like)",
-        ),
-        EncoderPreset(
-            "hier-l6-l8-l10",
-            HeadConfig((_gem(6), _gem(8), _gem(10))),
-            description="hierarchical: GeM over blocks 6, 8 and 10, concatenated",
-        ),
-    ]
-}
-
-# Best leak-free zero-shot descriptor on Longmont (docs/benchmarks.md): R@1 0.98 on grid-centred
-# north-up WV2 crops vs 0.55 for the last-block CLS token and 0.54 for VFM-Loc's recipe.
-DEFAULT_PRESET = "gem-l8-raw"
-
-
-def get_preset(name: str) -> EncoderPreset:
-    if name not in PRESETS:
-        raise ValueError(f"unknown encoder preset '{name}'; choose one of {sorted(PRESETS)}")
-    return PRESETS[name]
 
 
 class Encoder(nn.Module):

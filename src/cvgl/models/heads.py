@@ -20,13 +20,12 @@ measures the three.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cvgl.models.backbone import LayerTokens
+from cvgl.models.presets import HeadConfig, PoolSpec
 
 EPS = 1e-6
 
@@ -94,38 +93,18 @@ def sw_rmac(
     return total
 
 
-@dataclass(frozen=True)
-class PoolSpec:
-    """One component of a descriptor: which block, which pooling, its weight in the concat."""
-
-    kind: str = "gem"  # cls | gem | swrmac
-    layer: int = -1  # 1-based block number; negative counts from the end
-    p: float = 3.0
-    signed: str = "clamp"
-    levels: tuple[int, ...] = (1, 2)
-    level_power: float = 6.0
-    weight: float = 1.0
-    region: str = "full"  # full | disc (see disc_mask), for gem
-
-    def pool(self, tokens: LayerTokens) -> torch.Tensor:
-        if self.kind == "cls":
-            return tokens.cls
-        if self.kind == "gem":
-            mask = None
-            if self.region == "disc":
-                mask = disc_mask(*tokens.patches.shape[-2:], device=tokens.patches.device)
-            return gem(tokens.patches, self.p, self.signed, mask)
-        if self.kind == "swrmac":
-            return sw_rmac(tokens.patches, self.levels, self.level_power, self.p, self.signed)
-        raise ValueError(f"unknown pooling '{self.kind}' (cls | gem | swrmac)")
-
-
-@dataclass(frozen=True)
-class HeadConfig:
-    """A descriptor recipe: pools concatenated (each L2-normalised and weighted), then L2-normalised."""
-
-    pools: tuple[PoolSpec, ...] = field(default_factory=lambda: (PoolSpec(),))
-    final_norm: bool = True  # pass intermediate tokens through the backbone's last LayerNorm
+def pool_tokens(spec: PoolSpec, tokens: LayerTokens) -> torch.Tensor:
+    """Apply one :class:`PoolSpec` to one block's tokens -> ``[B, C]`` (not normalised)."""
+    if spec.kind == "cls":
+        return tokens.cls
+    if spec.kind == "gem":
+        mask = None
+        if spec.region == "disc":
+            mask = disc_mask(*tokens.patches.shape[-2:], device=tokens.patches.device)
+        return gem(tokens.patches, spec.p, spec.signed, mask)
+    if spec.kind == "swrmac":
+        return sw_rmac(tokens.patches, spec.levels, spec.level_power, spec.p, spec.signed)
+    raise ValueError(f"unknown pooling '{spec.kind}' (cls | gem | swrmac)")
 
 
 class PoolingHead(nn.Module):
@@ -142,5 +121,5 @@ class PoolingHead(nn.Module):
         return sorted({pool.layer for pool in self.config.pools})
 
     def forward(self, tokens: dict[int, LayerTokens]) -> torch.Tensor:
-        parts = [pool.weight * F.normalize(pool.pool(tokens[pool.layer]), dim=-1) for pool in self.config.pools]
+        parts = [pool.weight * F.normalize(pool_tokens(pool, tokens[pool.layer]), dim=-1) for pool in self.config.pools]
         return F.normalize(torch.cat(parts, dim=-1), dim=-1)
