@@ -251,3 +251,24 @@ def test_tile_folder_index_and_scale_search(tmp_path: Path, capsys: pytest.Captu
     assert result["heading_deg"] == pytest.approx(270.0)  # undoing a quarter turn clockwise
     assert result["scale"] == 1.0
     assert 0.0 < result["confidence"] <= 1.0
+
+
+def test_grid_alone_writes_only_the_grid_where_asked(gem_index: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    photo = tmp_path / "photo.png"
+    Image.fromarray(_photo(7)).save(photo)
+    grid = tmp_path / "figures" / "g.png"
+    assert run(["locate", gem_index, photo, "--encoder", "gem", *TINY, "--grid", grid, "--rotations", "2"]) == 0
+    assert grid.is_file()
+    assert not (grid.parent / "map.html").exists()
+    with Image.open(grid) as image:
+        assert image.width > 100
+
+
+def test_bad_numeric_flags_are_usage_errors(gem_index: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    photo = tmp_path / "photo.png"
+    Image.fromarray(_photo(8)).save(photo)
+    for flag in (["--rotations", "0"], ["--top-k", "0"], ["--pitch", "95"], ["--altitude", "-3"]):
+        with pytest.raises(SystemExit) as info:
+            run(["locate", gem_index, photo, "--encoder", "gem", *TINY, *flag])
+        assert info.value.code == 2
+        assert "Traceback" not in capsys.readouterr().err

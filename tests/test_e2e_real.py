@@ -1,7 +1,7 @@
 """End to end on real data: embedded DINOv2 weights, WorldView-3 reference, WorldView-2 queries.
 
 A 600 m x 600 m corner of Longmont is indexed (WV3, 0.3 m, resampled to 0.5 m tiles of 112 m) and
-six simulated nadir drone photos cut from WV2 (another sensor, four months earlier) are located
+sixteen simulated nadir drone photos cut from WV2 (another sensor, four months earlier) are located
 through the same path as ``cvgl locate``: JPEG + EXIF GPS + DJI XMP heading/altitude.
 """
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.real
 # A 600 m square at the north-west corner, inside both the WV3 and the WV2 footprints (UTM 13N).
 LEFT, TOP, SIDE = 487_560.0, 4_443_540.0, 600.0
 TILE_M = 112.0
-N_QUERIES = 6
+N_QUERIES = 16  # enough for locate's default batch centring (MIN_BATCH_ALIGNMENT) to run
 
 
 def _require_real_data() -> None:
@@ -61,7 +61,7 @@ def test_locate_wv2_drone_photos_in_wv3_corner(tmp_path: Path) -> None:
     from cvgl.index.build import build_index
     from cvgl.index.store import open_index
     from cvgl.locate import LocateOptions, locate_images
-    from cvgl.models.encoder import create_encoder
+    from cvgl.models.encoder import DEFAULT_PRESET, create_encoder
 
     start = time.monotonic()
     bounds = (LEFT, TOP - SIDE, LEFT + SIDE, TOP)
@@ -74,7 +74,7 @@ def test_locate_wv2_drone_photos_in_wv3_corner(tmp_path: Path) -> None:
         assert info.bounds[0] == pytest.approx(LEFT, abs=gsd) and info.bounds[3] == pytest.approx(TOP, abs=gsd)
         assert info.bounds[2] - info.bounds[0] == pytest.approx(SIDE, abs=gsd)
 
-    encoder = create_encoder("gem-l8", weights="embedded")
+    encoder = create_encoder(DEFAULT_PRESET, weights="embedded")
     assert encoder.identity["arch"] == "dinov2_vits14"
     index_dir = build_index(reference, tmp_path / "index", encoder, TilingSpec(tile_m=TILE_M, stride_m=56.0, gsd_m=0.5), progress=False)
     index = open_index(index_dir, encoder.identity)
@@ -95,6 +95,7 @@ def test_locate_wv2_drone_photos_in_wv3_corner(tmp_path: Path) -> None:
     for query, result in zip(queries, results):
         assert "error" not in result, result
         assert result["heading_source"] == "metadata"
+        assert result["alignment"] == "center"  # the default: centred on this unlabelled batch
         assert "error_m" in result and math.isfinite(result["error_m"])
         # nadir: the camera is over the photo centre, so EXIF GPS is the ground truth centre
         assert result["true_lat"] == pytest.approx(query.center_lat, abs=1e-6)

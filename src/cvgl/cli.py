@@ -21,6 +21,29 @@ def _size(text: str) -> tuple[int, int]:
     return size
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _in_range(low: float, high: float):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value:g} is outside [{low:g}, {high:g}]")
+        return value
+
+    return parse
+
+
 def _bands(text: str) -> tuple[int, ...]:
     return tuple(int(b) for b in text.split(","))
 
@@ -47,22 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gsd", type=float, default=0.5, help="target ground sample distance, metres")
     p.add_argument("--bands", type=_bands, default=None, help="1-based bands, e.g. 5,3,2")
     p.add_argument("--alignment", default=DEFAULT_KIND, choices=["none", "center", "pca-whiten"])
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=_positive_int, default=16)
     encoder_args(p, DEFAULT_PRESET)
 
     p = sub.add_parser("locate", help="locate photos against an index")
     p.add_argument("index", type=Path)
     p.add_argument("images", type=Path, nargs="+")
     p.add_argument("--view", default="drone", choices=["drone", "street", "aerial"])
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=_positive_int, default=5)
     p.add_argument("--json", type=Path, default=None, help="write results here (else stdout)")
     p.add_argument("--map", type=Path, default=None, help="write an HTML map here")
     p.add_argument("--grid", type=Path, default=None, help="write a PNG retrieval grid here")
     p.add_argument("--heading", type=float, default=None, help="camera heading, degrees clockwise from north")
-    p.add_argument("--pitch", type=float, default=None, help="camera pitch from nadir, degrees (0 = straight down)")
-    p.add_argument("--altitude", type=float, default=None, help="height above ground, metres")
-    p.add_argument("--hfov", type=float, default=None, help="horizontal field of view, degrees")
-    p.add_argument("--rotations", type=int, default=16, help="heading hypotheses when the heading is unknown")
+    p.add_argument("--pitch", type=_in_range(0.0, 80.0), default=None, help="camera pitch from nadir, degrees (0 = straight down)")
+    p.add_argument("--altitude", type=_in_range(0.1, 1e5), default=None, help="height above ground, metres")
+    p.add_argument("--hfov", type=_in_range(1.0, 170.0), default=None, help="horizontal field of view, degrees")
+    p.add_argument("--rotations", type=_positive_int, default=16, help="heading hypotheses when the heading is unknown")
     p.add_argument(
         "--scales", type=lambda t: tuple(float(v) for v in t.split(",")), default=(1.0,),
         help="footprint hypotheses when the altitude is unknown: fractions of the photo's short side, e.g. 0.6,0.8,1",
@@ -121,8 +144,10 @@ def cmd_locate(args: argparse.Namespace) -> int:
     from cvgl.report import write_visuals
 
     manifest_index = open_index(args.index)
-    preset = args.encoder or manifest_index.manifest["encoder"]["preset"]
-    encoder = _encoder(args, preset)
+    built = manifest_index.manifest["encoder"]
+    if args.input_size is None:  # default to what the index was built with
+        args.input_size = tuple(built["input_size"])
+    encoder = _encoder(args, args.encoder or built["preset"])
     manifest_index.check_encoder(encoder.identity)
     options = LocateOptions(
         view=args.view, top_k=args.top_k, heading_deg=args.heading, pitch_deg=args.pitch,
@@ -136,12 +161,8 @@ def cmd_locate(args: argparse.Namespace) -> int:
         for result in results:
             print(json.dumps(result))
     if args.map or args.grid:
-        images = []
-        for result in results:
-            images.append(None if "error" in result else np.asarray(load_image(result["query"])))
-        out = (args.map or args.grid).parent
-        write_visuals(out, results, scores, manifest_index, images,
-                      map_name=(args.map or out / "map.html").name, grid_name=(args.grid or out / "grid.png").name)
+        images = [None if "error" in r else np.asarray(load_image(r["query"])) for r in results] if args.grid else None
+        write_visuals(results, scores, manifest_index, images, map_path=args.map, grid_path=args.grid)
     failed = [r for r in results if "error" in r]
     for r in failed:
         print(f"skipped: {r['error']}", file=sys.stderr)

@@ -162,3 +162,28 @@ def offset_latlon(
     dist = np.hypot(fe, fn)
     lon2, lat2, _ = WGS84_GEOD.fwd(flon, flat, azimuth, dist)
     return _shape_out(scalar, shape, np.asarray(lat2), np.asarray(lon2))  # type: ignore[return-value]
+
+
+def typical_spacing_m(lat: np.ndarray, lon: np.ndarray, sample: int = 2000, seed: int = 0) -> float:
+    """Median distance from a tile to its nearest neighbour (metres), from a sample of tiles.
+
+    Used where a tile set does not say its tile size (a folder of tiles + CSV). Distances use a
+    local equirectangular projection around the set's centre — fine for neighbour spacing, which
+    is metres to kilometres — and at most ``sample`` x N pairs, so a million tiles stay cheap.
+    """
+    lat = np.asarray(lat, dtype=np.float64)
+    lon = np.asarray(lon, dtype=np.float64)
+    if len(lat) < 2:
+        raise ValueError("need at least two tiles to estimate their spacing")
+    lat0 = np.radians(lat.mean())
+    metres_per_deg = 111_320.0
+    xy = np.stack([lon * metres_per_deg * np.cos(lat0), lat * metres_per_deg], axis=1)
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(xy), size=min(sample, len(xy)), replace=False)
+    nearest = np.empty(len(picks))
+    for start in range(0, len(picks), 32):
+        chunk = picks[start : start + 32]
+        d2 = ((xy[chunk, None, :] - xy[None, :, :]) ** 2).sum(-1)
+        d2[np.arange(len(chunk)), chunk] = np.inf
+        nearest[start : start + len(chunk)] = np.sqrt(d2.min(1))
+    return float(np.median(nearest))

@@ -43,6 +43,8 @@ from cvgl.models.encoder import Encoder
 from cvgl.zeroshot.alignment import fit_alignment
 
 VIEWS = ("drone", "street", "aerial")
+DEFAULT_TILE_M = 100.0  # only for a one-tile folder index, where no spacing can be measured
+MAX_PITCH_DEG = 80.0  # steeper than this, a rectified view is mostly sky or smeared horizon
 MIN_SIDE_PX = 28  # two patches: anything smaller carries no usable evidence
 MIN_BATCH_ALIGNMENT = 16  # photos needed before a batch's own statistics are trusted
 
@@ -109,15 +111,24 @@ def prepare_query(
         rotated = rotate_image(image, heading) if heading else image
         return PreparedQuery(str(path), [Hypothesis(rotated, heading, 1.0)], source or "assumed-north", 0.0, None, meta)
 
-    hfov = options.hfov_deg or hfov_from_focal_35mm(meta.focal_length_35mm, DEFAULT_HFOV_DEG)
+    height, width = image.shape[:2]
+    # The 35 mm-equivalent field of view spans the long side; our camera model takes the width's.
+    hfov_long = options.hfov_deg or hfov_from_focal_35mm(meta.focal_length_35mm, DEFAULT_HFOV_DEG)
+    hfov = math.degrees(2 * math.atan(math.tan(math.radians(hfov_long) / 2) * width / max(width, height)))
     pitch, _ = _known(options.pitch_deg, meta.pitch_from_nadir_deg)
     pitch = float(pitch or 0.0)
+    if not 0.0 <= pitch <= MAX_PITCH_DEG:
+        raise InputError(
+            f"{path}: camera pitch {pitch:.0f} degrees from nadir (gimbal {pitch - 90:.0f}); only views between "
+            f"nadir and {MAX_PITCH_DEG:.0f} degrees can be matched to aerial tiles; use --view street for level shots"
+        )
     if pitch > 1.0:
         image = rectify_tilt(image, pitch, hfov)
     altitude, _ = _known(options.altitude_m, meta.relative_altitude_m)
+    if altitude is not None and not altitude > 0:
+        raise InputError(f"{path}: altitude {altitude:g} m above ground is not positive; pass --altitude")
     heading, heading_source = _known(options.heading_deg, meta.heading_deg)
 
-    height, width = image.shape[:2]
     # Each view is (canvas, crop side, scale): hypotheses rotate the whole canvas and then cut
     # the central crop, so a photo with margin around the tile footprint rotates without
     # black corners.
@@ -178,8 +189,7 @@ def answer(
     lat, lon = tiles["lat"].to_numpy(), tiles["lon"].to_numpy()
     order = np.argsort(-tile_scores, kind="stable")[: options.top_k]
     best = int(order[0])
-    tile_m = index.manifest.get("tile_m") or _spacing_m(lat, lon)
-    radius = tile_m / math.sqrt(2.0)  # the tile half-diagonal
+    radius = (index.manifest.get("tile_m") or DEFAULT_TILE_M) / math.sqrt(2.0)  # the tile half-diagonal
     weights = softmax(tile_scores, options.temperature)
     near = geodesic_distance_m(lat[best], lon[best], lat, lon) <= radius
     w = weights * near
@@ -213,17 +223,14 @@ def answer(
         result["camera_lat"], result["camera_lon"] = float(camera[0]), float(camera[1])
     if query.meta.gps_lat is not None and query.meta.gps_lon is not None:
         result["true_lat"], result["true_lon"] = query.meta.gps_lat, query.meta.gps_lon
+        if "camera_lat" in result and query.heading_source != "search":
+            # With a known heading, the ground point the photo centre shows (what tiles match).
+            ahead = query.altitude_m * math.tan(math.radians(query.pitch_deg))
+            heading = math.radians(query.hypotheses[0].heading_deg)  # the known heading itself
+            centre = offset_latlon(query.meta.gps_lat, query.meta.gps_lon, ahead * math.sin(heading), ahead * math.cos(heading))
+            result["true_center_lat"], result["true_center_lon"] = float(centre[0]), float(centre[1])
         result["error_m"] = float(geodesic_distance_m(camera[0], camera[1], query.meta.gps_lat, query.meta.gps_lon))
     return result
-
-
-def _spacing_m(lat: np.ndarray, lon: np.ndarray) -> float:
-    """Typical distance between neighbouring tiles (for indexes without a tile size)."""
-    if len(lat) < 2:
-        return 100.0
-    d = geodesic_distance_m(lat[:, None], lon[:, None], lat[None, :], lon[None, :])
-    np.fill_diagonal(d, np.inf)
-    return float(np.median(d.min(1)))
 
 
 def best_over_hypotheses(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

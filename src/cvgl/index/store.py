@@ -68,7 +68,8 @@ class ReferenceIndex:
         bounds = self.manifest.get("overview_bounds")
         if not path.is_file() or not bounds:
             return None
-        return np.asarray(Image.open(path).convert("RGB")), tuple(bounds)
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB")), tuple(bounds)
 
     def check_encoder(self, identity: dict) -> None:
         """Refuse an encoder whose identity differs from the one that built this index."""

@@ -14,7 +14,7 @@ L2-normalised. That one shape covers every zero-shot descriptor we compare:
 which silently turns every negative activation into ~0: it keeps only "how much of the positive
 half" each channel has. ``signed="signed"`` uses the signed power mean
 ``sign(m)|m|^(1/p)`` with ``m = mean(sign(x)|x|^p)`` instead, which keeps both halves and reduces
-to the arithmetic mean at p=1; ``"abs"`` pools magnitudes only. ``benchmarks/zeroshot.py``
+to the arithmetic mean at p=1; ``"abs"`` pools magnitudes only. ``cvgl bench longmont``
 measures the three.
 """
 

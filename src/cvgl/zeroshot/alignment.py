@@ -1,7 +1,8 @@
 """Statistical alignment of query-view and reference-view descriptor distributions.
 
-Every alignment here is a per-view affine map ``y = normalize((x - mean_v) @ W_v)`` fitted once and
-saved with the index, so applying it at query time is one matrix product. What differs is *what
+Every alignment here is a per-view affine map ``y = normalize((x - mean_v) @ W_v)`` fitted once —
+saved with the index (reference-side kinds) or fitted per batch of photos at locate time
+(``LocateOptions.batch_alignment``) — so applying it is one matrix product. What differs is *what
 it is fitted on*, and that is recorded in :attr:`Alignment.fitted_on`:
 
 =================  ==============================================  ======================
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 KINDS = ("none", "center", "pca-whiten", "coral", "procrustes", "mnn-procrustes")
-# Measured on Longmont (benchmarks/zeroshot.py): with block-8 GeM, centring on the reference
+# Measured on Longmont (`cvgl bench longmont`): with block-8 GeM, centring on the reference
 # alone lowers R@1 while statistics of unlabelled query photos (center/coral on the batch, see
 # ``cvgl locate --batch-alignment``) raise it; so an index stores no alignment by default.
 DEFAULT_KIND = "none"
