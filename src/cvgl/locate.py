@@ -272,7 +272,6 @@ def locate_images(
     good = [d for d in descriptors if d is not None]
     if options.batch_alignment and len(good) >= MIN_BATCH_ALIGNMENT:
         alignment = fit_alignment(options.batch_alignment, index.raw, queries=np.concatenate(good))
-    reference = alignment.apply(index.raw, "reference")
 
     results: list[dict] = []
     all_scores: list[np.ndarray | None] = []
@@ -281,7 +280,7 @@ def locate_images(
             results.append({"query": str(paths[i]), "error": errors[i]})
             all_scores.append(None)
             continue
-        tile_scores, best_hyp = best_over_hypotheses(alignment.apply(desc, "query") @ reference.T)
+        tile_scores, best_hyp = best_over_hypotheses(index.scores(desc, alignment))
         result = answer(query, tile_scores, best_hyp, index, options)
         result["alignment"] = alignment.kind
         results.append(result)

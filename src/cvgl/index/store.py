@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
@@ -44,6 +44,7 @@ class ReferenceIndex:
     raw: np.ndarray
     alignment: Alignment
     faiss_index: faiss.Index
+    _aligned: tuple[Alignment, np.ndarray] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.tiles)
@@ -59,9 +60,16 @@ class ReferenceIndex:
         k = min(k, len(self))
         return self.faiss_index.search(np.ascontiguousarray(aligned), k)
 
-    def scores(self, queries: np.ndarray) -> np.ndarray:
-        """Similarity of each query to every tile ``[Q, N]`` (for heatmaps and re-ranking)."""
-        return self.alignment.apply(queries, "query") @ self.reference.T
+    def scores(self, queries: np.ndarray, alignment: Alignment | None = None) -> np.ndarray:
+        """Similarity of each raw query descriptor to every tile ``[Q, N]``.
+
+        ``alignment`` replaces the stored one (e.g. fitted on a batch of photos at locate time);
+        the aligned reference is cached for the alignment last used.
+        """
+        alignment = alignment or self.alignment
+        if self._aligned is None or self._aligned[0] is not alignment:
+            self._aligned = (alignment, alignment.apply(self.raw, "reference"))
+        return alignment.apply(queries, "query") @ self._aligned[1].T
 
     def overview(self) -> tuple[np.ndarray, tuple[float, float, float, float]] | None:
         path = self.path / "overview.png"

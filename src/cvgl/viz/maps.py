@@ -302,8 +302,9 @@ def _static_preview(
         x, y = px(float(res["lat"]), float(res["lon"]))
         if _finite(res.get("true_lat"), res.get("true_lon")):
             tx, ty = px(float(res["true_lat"]), float(res["true_lon"]))
-            draw.line([x, y, tx, ty], fill="white", width=lw + 2)
-            draw.line([x, y, tx, ty], fill=_TRUTH_COLOUR, width=lw)
+            ex, ey = px(*_error_origin(res))
+            draw.line([ex, ey, tx, ty], fill="white", width=lw + 2)
+            draw.line([ex, ey, tx, ty], fill=_TRUTH_COLOUR, width=lw)
             draw.ellipse([tx - r, ty - r, tx + r, ty + r], fill=_TRUTH_COLOUR, outline="white")
         draw.ellipse([x - r, y - r, x + r, y + r], fill=_PRED_COLOUR, outline="white", width=2)
         draw.text((x + r + 2, y - r - 2), str(i + 1), fill="white", font=font,
@@ -365,6 +366,13 @@ window.addEventListener("load", function () {{
 }});
 </script>
 """
+
+
+def _error_origin(res: dict) -> tuple[float, float]:
+    """Where ``error_m`` was measured from: the camera estimate if any, else the prediction."""
+    if _finite(res.get("camera_lat"), res.get("camera_lon")):
+        return float(res["camera_lat"]), float(res["camera_lon"])
+    return float(res["lat"]), float(res["lon"])
 
 
 def write_map_html(
@@ -535,12 +543,14 @@ def write_map_html(
                     fill=True, fill_color=colour, fill_opacity=0.5, tooltip=tip,
                 ).add_to(group)
 
-        # Truth and error line.
+        # Truth and error line. ``error_m`` compares EXIF GPS (the camera) with the camera estimate
+        # when locate made one (oblique photos), else with the ground point: draw what was measured.
         plat, plon = float(res["lat"]), float(res["lon"])
         if _finite(res.get("true_lat"), res.get("true_lon")):
             tlat, tlon = float(res["true_lat"]), float(res["true_lon"])
+            elat, elon = _error_origin(res)
             err = f"error {_fmt(res.get('error_m'), '.1f', ' m')}"
-            folium.PolyLine([[plat, plon], [tlat, tlon]], color=_TRUTH_COLOUR, weight=3,
+            folium.PolyLine([[elat, elon], [tlat, tlon]], color=_TRUTH_COLOUR, weight=3,
                             dash_array="6 6", tooltip=err).add_to(group)
             folium.CircleMarker(
                 location=[tlat, tlon], radius=7, color="white", weight=2, fill=True,

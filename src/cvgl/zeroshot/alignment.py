@@ -37,7 +37,8 @@ DEFAULT_KIND = "none"
 
 
 def l2n(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
+    """Rows scaled to unit length (zero rows stay zero); keeps the dtype."""
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 @dataclass
@@ -55,9 +56,9 @@ class Alignment:
         """``view`` is "query" or "reference"."""
         x = np.asarray(x, dtype=np.float32)
         if view == "query":
-            return l2n((x - self.query_mean) @ self.query_matrix)
+            return l2n((x - self.query_mean) @ self.query_matrix).astype(np.float32)
         if view == "reference":
-            return l2n((x - self.reference_mean) @ self.reference_matrix)
+            return l2n((x - self.reference_mean) @ self.reference_matrix).astype(np.float32)
         raise ValueError(f"view must be 'query' or 'reference', got '{view}'")
 
     @property
@@ -198,7 +199,7 @@ def fit_alignment(
         raise ValueError("mnn-procrustes needs an unlabelled query-view sample (queries=...)")
     q = np.asarray(queries, dtype=np.float64)
     q_mean = q.mean(0)
-    qc, rc = _unit(q - q_mean), _unit(reference - ref_mean)
+    qc, rc = l2n(q - q_mean), l2n(reference - ref_mean)
     rotation = np.eye(dim)
     pairs = 0
     for _ in range(iterations):
@@ -210,10 +211,6 @@ def fit_alignment(
     info["unlabelled_queries"] = int(len(q))
     info["mnn_pairs"] = int(pairs)
     return _make(kind, q_mean, rotation, ref_mean, _identity(dim), info)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _make(kind, q_mean, q_w, r_mean, r_w, info) -> Alignment:
