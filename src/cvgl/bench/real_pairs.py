@@ -302,6 +302,7 @@ DEFAULT_METHODS: tuple[Method, ...] = (
     Method("DINOv2 ViT-S/14 · swrmac", "swrmac"),
     Method("DINOv2 ViT-S/14 · vfmloc-ref", "vfmloc-ref", leaky=True),
     Method("DINOv2 ViT-S/14 · gem-l8", "gem-l8"),
+    Method("DINOv2 ViT-S/14 · gem-l8-raw (default)", "gem-l8-raw"),
     Method("DINOv2 ViT-S/14 · hier-l6-l8-l10", "hier-l6-l8-l10"),
 )
 
