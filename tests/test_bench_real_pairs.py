@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from cvgl.bench import real_pairs as rp
-from cvgl.bench.common import SharedTokens, load_backbone, raw_pixels
+from cvgl.bench.common import SharedTokens, raw_pixels
+from cvgl.models.encoder import load_backbone
 from cvgl.errors import InputError
 from cvgl.models.encoder import PRESETS, create_encoder
 
@@ -181,7 +182,7 @@ def test_shared_tokens_per_image_sizes_restore_order() -> None:
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((40, 90), (50, 50), (30, 70), (60, 60), (45, 45))]
     sizes = [(28, 56), (42, 42), (28, 56), (42, 42), (56, 56)]  # interleaved groups, one singleton
     heads = {"gem": PRESETS["gem"].head, "cls": PRESETS["cls"].head}
-    shared = SharedTokens(load_backbone(TINY, seed=5), heads, size=(42, 42))
+    shared = SharedTokens(load_backbone(TINY, seed=5)[0], heads, size=(42, 42))
     out = shared.encode(images, batch=1, sizes=sizes)
     for name in heads:
         assert out[name].shape[0] == len(images) and out[name].dtype == np.float32
@@ -200,7 +201,7 @@ def test_shared_tokens_per_image_sizes_restore_order() -> None:
 def test_load_backbone_random_seed_leaves_global_rng() -> None:
     torch.manual_seed(0)
     before = torch.random.get_rng_state()
-    a, b = load_backbone(TINY, seed=7), load_backbone(TINY, seed=7)
+    a, b = load_backbone(TINY, seed=7)[0], load_backbone(TINY, seed=7)[0]
     assert torch.equal(torch.random.get_rng_state(), before)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 

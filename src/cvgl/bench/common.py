@@ -11,10 +11,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cvgl.models.backbone import DinoV2, build_backbone
-from cvgl.models.encoder import PRESETS, Encoder
+from cvgl.models.backbone import DinoV2
+from cvgl.models.encoder import PRESETS, Encoder, load_backbone
 from cvgl.models.heads import HeadConfig, PoolingHead, PoolSpec
-from cvgl.weights import load_weights
 
 PRETRAINED_HEADS: dict[str, HeadConfig] = {
     "cls (last block)": PRESETS["cls"].head,
@@ -100,23 +99,6 @@ class SharedTokens:
         return {name: np.stack(rows).astype(np.float32) for name, rows in out.items()}
 
 
-def load_backbone(weights: str = "embedded", seed: int | None = None) -> DinoV2:
-    """A backbone from ``"embedded"``, a file, ``"hub:<arch>"`` or ``"random:<arch>"``.
-
-    Random initialisation draws from ``torch.manual_seed(seed)`` without touching the global
-    generator when ``seed`` is given, and from the global generator when it is None.
-    """
-    if weights.startswith("random:"):
-        arch = weights.split(":", 1)[1]
-        if seed is None:
-            return build_backbone(arch)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return build_backbone(arch)
-    loaded = load_weights(weights)
-    return build_backbone(loaded.arch, loaded.state_dict)
-
-
 def raw_pixels(images: list[np.ndarray]) -> np.ndarray:
     """The no-learning baseline: 32x32 grey thumbnails, zero-mean, unit-norm."""
     out = []
@@ -137,10 +119,10 @@ class Methods:
         random_heads: dict[str, HeadConfig] | None = None,
         size: tuple[int, int] = (224, 224),
     ) -> None:
-        self.pretrained = SharedTokens(load_backbone("embedded"), heads or PRETRAINED_HEADS, size)
+        self.pretrained = SharedTokens(load_backbone("embedded")[0], heads or PRETRAINED_HEADS, size)
         torch.manual_seed(seed)
         random_heads = RANDOM_HEADS if random_heads is None else random_heads
-        self.random = SharedTokens(load_backbone("random:dinov2_vits14"), random_heads, size) if random_heads else None
+        self.random = SharedTokens(load_backbone("random:dinov2_vits14")[0], random_heads, size) if random_heads else None
 
     def encode(self, images: list[np.ndarray], with_random: bool = True) -> dict[str, np.ndarray]:
         out = {"raw pixels": raw_pixels(images)}

@@ -89,6 +89,26 @@ def head_to_dict(head: HeadConfig) -> dict:
     return dataclasses.asdict(head)
 
 
+def load_backbone(weights: str = "embedded", seed: int | None = None) -> tuple[DinoV2, str, str]:
+    """(backbone, architecture, weights hash) from ``"embedded"``, a file, ``"hub:<arch>"`` or
+    ``"random:<arch>"``.
+
+    Random initialisation draws from ``torch.manual_seed(seed)`` without touching the global
+    generator when ``seed`` is given, and from the global generator when it is None.
+    """
+    from cvgl.weights import load_weights
+
+    if weights.startswith("random:"):
+        arch = weights.split(":", 1)[1]
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            backbone = build_backbone(arch)
+        return backbone, arch, "random-" + _tensor_hash(backbone)
+    loaded = load_weights(weights)
+    return build_backbone(loaded.arch, loaded.state_dict), loaded.arch, loaded.sha256
+
+
 def create_encoder(
     preset: str | EncoderPreset = DEFAULT_PRESET,
     weights: str = "embedded",
@@ -99,19 +119,9 @@ def create_encoder(
     ``weights`` is ``"embedded"``, a file path, ``"hub:<arch>"`` or ``"random:<arch>"`` (random
     initialisation, for tests and the random-init baseline; seeded by ``torch.manual_seed``).
     """
-    from cvgl.weights import load_weights
-
     spec = get_preset(preset) if isinstance(preset, str) else preset
     size = tuple(input_size or spec.input_size)
-    if weights.startswith("random:"):
-        arch = weights.split(":", 1)[1]
-        backbone = build_backbone(arch)
-        weights_hash = "random-" + _tensor_hash(backbone)
-    else:
-        loaded = load_weights(weights)
-        arch = loaded.arch
-        backbone = build_backbone(arch, loaded.state_dict)
-        weights_hash = loaded.sha256
+    backbone, arch, weights_hash = load_backbone(weights)
     identity = {
         "preset": spec.name,
         "arch": arch,
