@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="+", help="longmont | real-pairs | throughput | all")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    p.add_argument("--assemble", action="store_true", help="rebuild --out from the sections kept in bench_out/")
 
     p = sub.add_parser("demo", help="index Longmont (WV3), locate simulated drone photos (WV2)")
     p.add_argument("--out", type=Path, default=Path("demo_out"))
@@ -176,7 +177,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         raise CvglError(f"unknown benchmark {unknown}; choose from {sorted(BENCHMARKS)} or all")
-    print(run_all(names, args.out, args.quick))
+    print(run_all(names, args.out, args.quick, args.assemble))
     return 0
 
 
