@@ -305,6 +305,8 @@ def _static_preview(
             ex, ey = px(*_error_origin(res))
             draw.line([ex, ey, tx, ty], fill="white", width=lw + 2)
             draw.line([ex, ey, tx, ty], fill=_TRUTH_COLOUR, width=lw)
+            if (ex, ey) != (x, y):  # camera estimate of an oblique photo: hollow blue ring
+                draw.ellipse([ex - r, ey - r, ex + r, ey + r], outline=_PRED_COLOUR, width=lw + 1)
             draw.ellipse([tx - r, ty - r, tx + r, ty + r], fill=_TRUTH_COLOUR, outline="white")
         draw.ellipse([x - r, y - r, x + r, y + r], fill=_PRED_COLOUR, outline="white", width=2)
         draw.text((x + r + 2, y - r - 2), str(i + 1), fill="white", font=font,
@@ -347,8 +349,9 @@ def _offline_block(
 <div id="cvgl-offline" style="display:none;padding:12px;font:13px sans-serif">
   <h2 style="margin:0 0 6px 0">{_esc(title)}</h2>
   <p style="color:#555">The interactive map needs the Leaflet library from the internet, which could not be
-  loaded. Below: a static preview (blue = prediction, numbered as in the table; green = truth;
-  red outline = top-1 tile) and the results table.</p>
+  loaded. Below: a static preview (blue = prediction of the ground point the photo shows, numbered as
+  in the table; hollow blue ring = camera position estimated for an oblique photo; green = truth
+  (EXIF GPS, the camera); red outline = top-1 tile) and the results table.</p>
   <img src="{preview_uri}" alt="static preview of the locate results" style="max-width:100%;border:1px solid #888">
   <table border="1" cellspacing="0" cellpadding="3" style="margin-top:10px;border-collapse:collapse">{head}{''.join(body)}</table>
   {f'<p style="color:#b00">failed queries ({len(failed)}):</p><ul>{failed_html}</ul>' if failed else ''}
@@ -550,6 +553,11 @@ def write_map_html(
             tlat, tlon = float(res["true_lat"]), float(res["true_lon"])
             elat, elon = _error_origin(res)
             err = f"error {_fmt(res.get('error_m'), '.1f', ' m')}"
+            if (elat, elon) != (plat, plon):
+                folium.CircleMarker(
+                    location=[elat, elon], radius=6, color=_PRED_COLOUR, weight=3, fill=False,
+                    tooltip=f"camera estimate for {_esc(_short(name))}",
+                ).add_to(group)
             folium.PolyLine([[elat, elon], [tlat, tlon]], color=_TRUTH_COLOUR, weight=3,
                             dash_array="6 6", tooltip=err).add_to(group)
             folium.CircleMarker(
