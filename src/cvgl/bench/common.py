@@ -6,11 +6,13 @@ import platform
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from cvgl.io import write_text_atomic
 from cvgl.models.backbone import DinoV2
 from cvgl.models.encoder import PRESETS, Encoder, load_backbone
 from cvgl.models.heads import HeadConfig, PoolingHead, PoolSpec
@@ -143,11 +145,25 @@ def top_k_per_query(query: np.ndarray, reference: np.ndarray, owner: np.ndarray,
     return np.argsort(-per_query, axis=1, kind="stable")[:, :k]
 
 
-def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where it exists)."""
     try:
         with open("/proc/cpuinfo") as handle:
-            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{cpu}; {torch.get_num_threads()} torch threads; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}"
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_line() -> str:
+    return f"{cpu_model()}; {torch.get_num_threads()} torch threads; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}"
+
+
+def emit_section(text: str, out: Path | None) -> int:
+    """A benchmark's ending: print its Markdown and, with ``--out``, write it atomically."""
+    print(text)
+    if out is not None:
+        write_text_atomic(out, text)
+    return 0

@@ -32,14 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cvgl.bench.common import Methods, machine_line, top_k_per_query
+from cvgl.bench.common import Methods, emit_section, machine_line, top_k_per_query
 from cvgl.data.geometry import rotate_image
 from cvgl.data.raster import TilingSpec, iter_tiles, raster_info, read_region
 from cvgl.data.samples import longmont_scene
 from cvgl.data.synthetic import QueryFamily, make_queries, write_query_photo
 from cvgl.evaluate import recall_at_k_by_distance
 from cvgl.geo import geodesic_distance_m
-from cvgl.io import write_text_atomic
 from cvgl.locate import LocateOptions, prepare_query
 from cvgl.models.encoder import PRESETS
 from cvgl.zeroshot.alignment import fit_alignment
@@ -238,10 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     text = run(args.per_family, args.fit_per_family, args.grid_queries, args.seed, not args.no_resolution)
-    print(text)
-    if args.out:
-        write_text_atomic(args.out, text)
-    return 0
+    return emit_section(text, args.out)
 
 
 if __name__ == "__main__":

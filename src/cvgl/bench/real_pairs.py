@@ -56,10 +56,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cvgl.bench.common import SharedTokens, raw_pixels
+from cvgl.bench.common import SharedTokens, emit_section, raw_pixels
 from cvgl.errors import InputError
 from cvgl.evaluate import recall_at_k
-from cvgl.io import write_text_atomic
 from cvgl.models.backbone import PATCH
 from cvgl.models.encoder import PRESETS, load_backbone
 from cvgl.zeroshot.alignment import Alignment, fit_alignment
@@ -616,10 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
     }
     text = render_markdown(rows, meta)
-    print(text)
-    if args.out:
-        write_text_atomic(args.out, text)
-    return 0
+    return emit_section(text, args.out)
 
 
 if __name__ == "__main__":

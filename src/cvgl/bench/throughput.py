@@ -55,6 +55,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cvgl.bench.common import cpu_model, emit_section
+
 # ----------------------------------------------------------------------------------------------
 # Timing helpers
 # ----------------------------------------------------------------------------------------------
@@ -447,7 +449,7 @@ def search_benchmark(
             results.append(SearchResult(n, spec.kind, desc, label, build_s, size, b1 * 1e3, bb * 1e3,
                                         recall, match10, match1))
             log(f"    {label}: recall {recall:.3f}, b1 {b1 * 1e3:.2f} ms")
-        del index
+        index = None  # free it before building the next one (the search closures are done)
         gc.collect()
     return results
 
@@ -550,16 +552,6 @@ class CpuMonitor:
         steal = (end[2] - self._start[2]) / wall
         return (f"other processes kept {others:.2f} of {os.cpu_count()} cores busy on average during this section"
                 f" (hypervisor steal {steal:.2f} cores)")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def machine_header(argv: Sequence[str]) -> list[str]:
@@ -828,12 +820,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     text = run(config, argv, log)
-    print(text)
-    if args.out is not None:
-        from cvgl.io import write_text_atomic
-
-        write_text_atomic(args.out, text)
-    return 0
+    return emit_section(text, args.out)
 
 
 if __name__ == "__main__":
