@@ -31,6 +31,7 @@ from cvgl.zeroshot.alignment import Alignment
 
 FORMAT_VERSION = 1
 FILES = ("manifest.json", "vectors.faiss", "raw.npy", "tiles.parquet", "alignment.npz")
+INDEX_TYPES = ("auto", "flat", "sq8", "ivfpq", "qdrant")
 IDENTITY_KEYS = ("arch", "weights_sha256", "input_size", "mean", "std", "head")
 
 
@@ -108,9 +109,15 @@ def write_index(
     alignment: Alignment,
     extra: dict | None = None,
     overview: tuple[np.ndarray, tuple[float, float, float, float]] | None = None,
+    index_type: str = "auto",
 ) -> Path:
-    """Write an index folder atomically (build in a temp sibling, then rename into place)."""
+    """Write an index folder atomically (build in a temp sibling, then rename into place).
+
+    ``index_type``: "auto", "flat", "sq8", "ivfpq" or "qdrant" (see ``cvgl.index.backends``).
+    """
     out_dir = Path(out_dir)
+    if index_type not in INDEX_TYPES:
+        raise ValueError(f"index_type {index_type!r}: expected one of {', '.join(INDEX_TYPES)}")
     if len(raw) != len(tiles):
         raise ValueError(f"{len(raw)} descriptors for {len(tiles)} tiles")
     if len(raw) == 0:
