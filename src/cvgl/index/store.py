@@ -1,14 +1,20 @@
 """A reference index is a folder, written atomically:
 
 ``manifest.json``   format version, encoder identity, alignment description, tiling, counts
-``vectors.faiss``   exact inner-product index over the *aligned* reference descriptors
-``raw.npy``         the unaligned descriptors (refit an alignment without re-encoding)
+``vectors.faiss``   faiss index over the *aligned* reference descriptors (flat, SQ8 or IVF-PQ;
+                    see :mod:`cvgl.index.backends`) — or ``qdrant/`` (Qdrant local mode), or
+                    nothing when the collection lives on a Qdrant server (``CVGL_QDRANT_URL``)
+``raw.npy``         the unaligned descriptors (refit an alignment without re-encoding; exact
+                    re-rank of approximate candidates; memory-mapped when large)
 ``tiles.parquet``   tile_id, lat, lon, x, y, crs, source, window, gsd
 ``alignment.npz``   the fitted alignment (per-view mean + matrix)
 ``overview.png``    optional north-up preview of the reference raster for maps (+ bounds in manifest)
 
 The folder is assembled under a temporary sibling name and renamed into place at the end, so a
 crash never leaves a half-written index where a previous good one was.
+
+The manifest records ``index_type`` and ``backend`` (its parameters). Indexes written before
+backends existed say ``"index_type": "flat-ip"`` and are read as flat: same format version.
 """
 
 from __future__ import annotations
@@ -21,16 +27,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cvgl.errors import IndexFormatError, IndexMismatchError
+from cvgl.errors import IndexFormatError, IndexMismatchError, InputError
+from cvgl.geo import geodesic_distance_m
+from cvgl.index.backends import FAISS_BACKENDS, FAISS_FILE, VectorBackend, build_backend
 from cvgl.zeroshot.alignment import Alignment
 
 FORMAT_VERSION = 1
-FILES = ("manifest.json", "vectors.faiss", "raw.npy", "tiles.parquet", "alignment.npz")
+FILES = ("manifest.json", "vectors.faiss", "raw.npy", "tiles.parquet", "alignment.npz")  # a flat/faiss index
+COMMON_FILES = ("manifest.json", "raw.npy", "tiles.parquet", "alignment.npz")
+RERANK_POOL = 256  # candidates re-scored exactly when searching with a different alignment
+MMAP_RAM_FRACTION = 0.5  # auto mmap: when raw.npy + the index file exceed this share of available RAM
 INDEX_TYPES = ("auto", "flat", "sq8", "ivfpq", "qdrant")
 IDENTITY_KEYS = ("arch", "weights_sha256", "input_size", "mean", "std", "head")
 
@@ -42,24 +52,68 @@ class ReferenceIndex:
     path: Path
     manifest: dict
     tiles: pd.DataFrame
-    raw: np.ndarray
+    raw: np.ndarray  # [N, D] float32; a read-only np.memmap when opened memory-mapped
     alignment: Alignment
-    faiss_index: faiss.Index
+    backend: VectorBackend
     _aligned: tuple[Alignment, np.ndarray] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.tiles)
 
     @property
-    def reference(self) -> np.ndarray:
-        """Aligned reference vectors ``[N, D]`` (reconstructed from the flat index)."""
-        return self.faiss_index.reconstruct_n(0, self.faiss_index.ntotal)
+    def index_type(self) -> str:
+        return self.backend.kind
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores, row indices) for raw query descriptors ``[Q, D]``."""
-        aligned = self.alignment.apply(queries, "query")
-        k = min(k, len(self))
-        return self.faiss_index.search(np.ascontiguousarray(aligned), k)
+    @property
+    def reference(self) -> np.ndarray:
+        """Aligned reference vectors ``[N, D]`` (exact, from raw.npy)."""
+        return self.alignment.apply(self.raw, "reference")
+
+    def reference_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Aligned reference vectors of ``rows`` (read in ascending order from raw.npy)."""
+        return self.alignment.apply(self.raw[np.asarray(rows, dtype=np.int64)], "reference")
+
+    def allowed_rows(self, near: tuple[float, float], radius_km: float) -> np.ndarray:
+        """Rows whose tile centre lies within ``radius_km`` (geodesic) of ``near`` = (lat, lon).
+
+        A lat/lon box a little larger than the circle preselects, so only a few geodesic
+        distances are computed on large indexes."""
+        lat0, lon0 = float(near[0]), float(near[1])
+        if not (-90 <= lat0 <= 90 and -180 <= lon0 <= 180) or not radius_km > 0:
+            raise InputError(f"geographic prior {near} within {radius_km} km: need lat in [-90, 90], lon in [-180, 180], radius > 0")
+        lat, lon = self.tiles["lat"].to_numpy(np.float64), self.tiles["lon"].to_numpy(np.float64)
+        dlat = 1.01 * radius_km / 110.574 + 1e-9
+        dlon = 1.01 * radius_km / max(111.320 * np.cos(np.radians(min(abs(lat0) + dlat, 89.9))), 1e-6) + 1e-9
+        box = np.flatnonzero((np.abs(lat - lat0) <= dlat) & ((np.abs(lon - lon0) <= dlon) | (dlon >= 180)))
+        dist = geodesic_distance_m(lat0, lon0, lat[box], lon[box])
+        return box[np.asarray(dist) <= radius_km * 1000.0].astype(np.int64)
+
+    def search(self, queries: np.ndarray, k: int, near: tuple[float, float] | None = None,
+               radius_km: float | None = None, alignment: Alignment | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, rows) for raw query descriptors ``[Q, D]`` (rows -1 when fewer qualify).
+
+        ``near`` + ``radius_km``: only tiles within that radius (Qdrant: its GeoRadius payload
+        filter; faiss: the allowed rows). ``alignment`` (e.g. a locate-time batch alignment)
+        re-scores the backend's candidates exactly — for a flat index with the stored alignment
+        that changes nothing; otherwise ``RERANK_POOL`` candidates per query are re-ranked."""
+        if (near is None) != (radius_km is None):
+            raise InputError("a geographic prior needs both near=(lat, lon) and radius_km")
+        k = min(k, len(self))  # never more columns than tiles; -1 padding only when a filter leaves fewer
+        aligned = np.ascontiguousarray(self.alignment.apply(queries, "query"))
+        allowed = geo = None
+        if near is not None:
+            if self.backend.native_geo:
+                geo = (float(near[0]), float(near[1]), float(radius_km) * 1000.0)
+            else:
+                allowed = self.allowed_rows(near, radius_km)
+        if alignment is None or alignment is self.alignment:
+            return self.backend.search(aligned, k, allowed=allowed, geo=geo)
+        _, candidates = self.backend.search(aligned, max(k, RERANK_POOL), allowed=allowed, geo=geo)
+        from cvgl.index.backends import rerank_exact
+
+        return rerank_exact(alignment.apply(queries, "query"), candidates,
+                            lambda rows: alignment.apply(self.raw[rows], "reference"), k)
 
     def scores(self, queries: np.ndarray, alignment: Alignment | None = None) -> np.ndarray:
         """Similarity of each raw query descriptor to every tile ``[Q, N]``.
@@ -110,10 +164,13 @@ def write_index(
     extra: dict | None = None,
     overview: tuple[np.ndarray, tuple[float, float, float, float]] | None = None,
     index_type: str = "auto",
+    backend_params: dict | None = None,
 ) -> Path:
     """Write an index folder atomically (build in a temp sibling, then rename into place).
 
-    ``index_type``: "auto", "flat", "sq8", "ivfpq" or "qdrant" (see ``cvgl.index.backends``).
+    ``index_type``: "auto" (by size, see :func:`cvgl.index.backends.choose_index_type`), "flat",
+    "sq8", "ivfpq" or "qdrant"; ``backend_params`` overrides the type's defaults (e.g. IVF-PQ
+    ``nprobe``). The type and its parameters are recorded in the manifest.
     """
     out_dir = Path(out_dir)
     if index_type not in INDEX_TYPES:
@@ -127,20 +184,23 @@ def write_index(
     try:
         raw = np.ascontiguousarray(raw, dtype=np.float32)
         aligned = alignment.apply(raw, "reference")
-        flat = faiss.IndexFlatIP(aligned.shape[1])
-        flat.add(aligned)
-        faiss.write_index(flat, str(tmp / "vectors.faiss"))
+        geo = {"lat": tiles["lat"].to_numpy(), "lon": tiles["lon"].to_numpy()} if index_type == "qdrant" else {}
+        backend = build_backend(index_type, aligned, folder=tmp, **geo, **(backend_params or {}))
+        backend.save(tmp)
+        dim = int(aligned.shape[1])
+        del aligned  # the backend holds what it needs; free the copy before saving raw
         np.save(tmp / "raw.npy", raw)
         tiles.reset_index(drop=True).to_parquet(tmp / "tiles.parquet", index=False)
         alignment.save(tmp / "alignment.npz")
         manifest = {
             "format_version": FORMAT_VERSION,
             "created_unix": int(time.time()),
-            "count": int(len(raw)),
-            "dim": int(aligned.shape[1]),
+            "count": len(raw),
+            "dim": dim,
             "encoder": encoder_identity,
             "alignment": alignment.describe(),
-            "index_type": "flat-ip",
+            "index_type": backend.kind,
+            "backend": backend.describe(),
             **(extra or {}),
         }
         if overview is not None:
@@ -188,27 +248,60 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def open_index(path: Path, encoder_identity: dict | None = None) -> ReferenceIndex:
-    """Open an index folder; with ``encoder_identity``, refuse a different encoder."""
+def _available_ram() -> int:
+    """Bytes of RAM available now (MemAvailable), or total physical RAM where /proc is absent."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def should_mmap(path: Path) -> bool:
+    """Memory-map when raw.npy plus the index file exceed ``MMAP_RAM_FRACTION`` of available RAM."""
+    size = sum((path / name).stat().st_size for name in ("raw.npy", FAISS_FILE) if (path / name).is_file())
+    return size > MMAP_RAM_FRACTION * _available_ram()
+
+
+def _manifest_type(manifest: dict) -> str:
+    kind = manifest.get("index_type", "flat")
+    return "flat" if kind == "flat-ip" else kind  # format-1 indexes written before backends
+
+
+def open_index(path: Path, encoder_identity: dict | None = None, mmap: bool | None = None) -> ReferenceIndex:
+    """Open an index folder; with ``encoder_identity``, refuse a different encoder.
+
+    ``mmap``: memory-map raw.npy and the faiss file (``IO_FLAG_MMAP_IFC`` for flat/SQ8 codes,
+    ``IO_FLAG_MMAP`` for IVF lists) instead of reading them; ``None`` decides by size
+    (:func:`should_mmap`). Answers are identical either way; the OS pages in what is touched.
+    """
     path = Path(path)
     if not path.is_dir():
         raise IndexFormatError(f"{path}: no such index folder; build one with `cvgl index SOURCE --out {path}`")
-    missing = [name for name in FILES if not (path / name).is_file()]
+    missing = [name for name in COMMON_FILES if not (path / name).is_file()]
+    if not missing:
+        try:
+            manifest = json.loads((path / "manifest.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise IndexFormatError(f"{path}/manifest.json: unreadable ({exc}); rebuild the index") from None
+        kind = _manifest_type(manifest) if isinstance(manifest, dict) else "flat"
+        if kind in FAISS_BACKENDS and not (path / FAISS_FILE).is_file():
+            missing.append(FAISS_FILE)
     if missing:
         raise IndexFormatError(f"{path}: incomplete index (missing {', '.join(missing)}); rebuild it")
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise IndexFormatError(f"{path}/manifest.json: unreadable ({exc}); rebuild the index") from None
     if manifest.get("format_version") != FORMAT_VERSION:
         raise IndexFormatError(
             f"{path}: index format {manifest.get('format_version')} but this cvgl reads {FORMAT_VERSION}; rebuild it"
         )
+    if kind not in (*FAISS_BACKENDS, "qdrant"):
+        raise IndexFormatError(f"{path}: unknown index type {kind!r} in manifest.json; rebuild it")
+    mmap = should_mmap(path) if mmap is None else mmap
     readers = {
         "tiles.parquet": lambda p: pd.read_parquet(p),
-        "raw.npy": lambda p: np.load(p),
+        "raw.npy": lambda p: np.load(p, mmap_mode="r" if mmap else None),
         "alignment.npz": lambda p: Alignment.load(p),
-        "vectors.faiss": lambda p: faiss.read_index(str(p)),
     }
     parts = {}
     for name, reader in readers.items():
@@ -216,15 +309,25 @@ def open_index(path: Path, encoder_identity: dict | None = None) -> ReferenceInd
             parts[name] = reader(path / name)
         except Exception as exc:  # noqa: BLE001 - any reader failure means a corrupt file
             raise IndexFormatError(f"{path / name}: corrupt ({type(exc).__name__}); rebuild the index") from None
-    index = ReferenceIndex(
-        path=path,
-        manifest=manifest,
-        tiles=parts["tiles.parquet"],
-        raw=parts["raw.npy"],
-        alignment=parts["alignment.npz"],
-        faiss_index=parts["vectors.faiss"],
-    )
-    if not (len(index.tiles) == len(index.raw) == index.faiss_index.ntotal == manifest.get("count")):
+    raw, alignment = parts["raw.npy"], parts["alignment.npz"]
+    params = dict(manifest.get("backend") or {})
+
+    def vectors(rows: np.ndarray) -> np.ndarray:
+        return alignment.apply(raw[rows], "reference")
+
+    try:
+        if kind == "qdrant":
+            from cvgl.index.qdrant import QdrantBackend
+
+            backend = QdrantBackend.open(path, mmap, params)
+        else:
+            backend = FAISS_BACKENDS[kind].open(path, mmap, params, vectors)
+    except Exception as exc:  # noqa: BLE001 - any reader failure means a corrupt or unreachable index
+        where = path / (FAISS_FILE if kind in FAISS_BACKENDS else "qdrant")
+        raise IndexFormatError(f"{where}: unreadable {kind} index ({type(exc).__name__}); rebuild the index") from None
+    index = ReferenceIndex(path=path, manifest=manifest, tiles=parts["tiles.parquet"], raw=raw,
+                           alignment=alignment, backend=backend)
+    if not (len(index.tiles) == len(index.raw) == len(backend) == manifest.get("count")):
         raise IndexFormatError(f"{path}: tiles, vectors and manifest disagree on the count; rebuild the index")
     if encoder_identity is not None:
         index.check_encoder(encoder_identity)

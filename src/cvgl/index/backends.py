@@ -1,0 +1,275 @@
+"""Vector backends: one search interface over exact and compressed inner-product indexes.
+
+Every backend answers ``search(queries, k, allowed=None)`` with ``(scores [Q, k], rows [Q, k])``
+where rows are int64 row numbers of ``tiles.parquet`` (``-1`` with score ``-inf`` when fewer than
+``k`` rows qualify). Queries and stored vectors are *aligned* and L2-normalised, so the score is
+a cosine similarity.
+
+=========  =========================================  ===========  =============================
+type       faiss index                                bytes/vector  why
+=========  =========================================  ===========  =============================
+``flat``   ``IndexFlatIP``                            4 D           exact; the reference
+``sq8``    ``IndexScalarQuantizer`` 8 bit, IP         D             4x smaller, scan stays exact-ish
+``ivfpq``  ``IndexIVFPQ`` + exact re-rank (raw.npy)   m (+ 8 id)    sub-linear: probes nprobe lists
+=========  =========================================  ===========  =============================
+
+``auto`` (:func:`choose_index_type`) picks by size. The thresholds come from ``cvgl bench
+scale`` (see ``docs/benchmarks.md``) on a 2-core machine: a batch-1 query on a flat index reads
+the whole matrix (1.5 kB per 384-d vector), so latency and memory grow linearly — a few ms at
+1e5, well past 50 ms at 1e6. SQ8 reads 4x less and keeps recall@10 near 1, so it carries the
+middle range; from ~2e6 only an inverted file keeps batch-1 latency bounded, and its
+product-quantised scores are repaired by re-ranking ``rerank * k`` candidates exactly against the
+(memory-mapped) raw descriptors.
+
+A geographic prior becomes ``allowed`` (row ids inside the radius, computed by the store from
+tile lat/lon). Small allowed sets are searched exactly over those rows; larger ones go through a
+faiss ``IDSelectorBatch`` (exact for flat/SQ8 scans; for IVF-PQ the probed lists are filtered
+and the survivors re-ranked). Qdrant (:mod:`cvgl.index.qdrant`) filters natively (``geo=``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import faiss
+import numpy as np
+
+FAISS_FILE = "vectors.faiss"
+FLAT_MAX = 200_000  # auto: exact below this many vectors
+SQ8_MAX = 2_000_000  # auto: SQ8 up to this many, IVF-PQ above
+EXACT_SUBSET_MAX = 50_000  # an allowed set this small is scored exactly (one [Q, A] product)
+DEFAULT_RERANK = 10  # IVF-PQ: exact re-rank of rerank * k candidates
+DEFAULT_NPROBE = 32
+
+# rows -> their aligned float32 vectors; lets IVF-PQ re-rank against raw.npy without a copy
+RowVectors = Callable[[np.ndarray], np.ndarray]
+
+
+def choose_index_type(n: int) -> str:
+    """``auto``: flat below :data:`FLAT_MAX`, SQ8 up to :data:`SQ8_MAX`, IVF-PQ above."""
+    if n < FLAT_MAX:
+        return "flat"
+    return "sq8" if n <= SQ8_MAX else "ivfpq"
+
+
+@runtime_checkable
+class VectorBackend(Protocol):
+    """What the store and ``locate`` need from an index of aligned reference vectors."""
+
+    kind: str
+    native_geo: bool  # True: search() takes geo=(lat, lon, radius_m) itself
+
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
+               geo: tuple[float, float, float] | None = None) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def __len__(self) -> int: ...
+
+    def describe(self) -> dict: ...
+
+    def save(self, folder: Path) -> None: ...
+
+
+def pad_results(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shape ``[Q, k]``: missing rows are -1 with score -inf (faiss's own fillers normalised)."""
+    q = len(rows)
+    out_s = np.full((q, k), -np.inf, dtype=np.float32)
+    out_r = np.full((q, k), -1, dtype=np.int64)
+    width = min(k, rows.shape[1]) if rows.ndim == 2 else 0
+    out_s[:, :width] = scores[:, :width]
+    out_r[:, :width] = rows[:, :width]
+    out_s[out_r < 0] = -np.inf
+    return out_s, out_r
+
+
+def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int, rows: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Plain numpy top-k by inner product (ties: lower row first); ``rows`` names the vectors."""
+    scores = queries @ vectors.T
+    k_eff = min(k, scores.shape[1])
+    if k_eff == 0:
+        return pad_results(np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64), k)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k_eff]
+    top = np.take_along_axis(scores, order, axis=1)
+    ids = order if rows is None else np.asarray(rows, dtype=np.int64)[order]
+    return pad_results(top.astype(np.float32), ids.astype(np.int64), k)
+
+
+class FaissBackend:
+    """A faiss index of aligned vectors; subclasses say how to build and how to search it."""
+
+    kind = "faiss"
+    native_geo = False
+    mmap_flag = faiss.IO_FLAG_MMAP_IFC
+
+    def __init__(self, index: faiss.Index, params: dict | None = None, vectors: RowVectors | None = None) -> None:
+        self.index = index
+        self.params = dict(params or {})
+        self.vectors = vectors  # exact aligned vectors by row (re-rank, small allowed sets)
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def describe(self) -> dict:
+        return {"type": self.kind, **self.params}
+
+    def save(self, folder: Path) -> None:
+        faiss.write_index(self.index, str(Path(folder) / FAISS_FILE))
+
+    @classmethod
+    def open(cls, folder: Path, mmap: bool = False, params: dict | None = None,
+             vectors: RowVectors | None = None) -> FaissBackend:
+        path = str(Path(folder) / FAISS_FILE)
+        index = faiss.read_index(path, cls.mmap_flag) if mmap else faiss.read_index(path)
+        return cls(index, params, vectors)
+
+    def _search_params(self, selector: faiss.IDSelector | None):
+        return faiss.SearchParameters(sel=selector) if selector is not None else None
+
+    def _raw_search(self, queries: np.ndarray, k: int, selector: faiss.IDSelector | None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        params = self._search_params(selector)
+        if params is None:
+            return self.index.search(queries, k)
+        return self.index.search(queries, k, params=params)
+
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
+               geo: tuple[float, float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        if geo is not None:
+            raise ValueError(f"{self.kind} backend filters by allowed rows, not geo; pass allowed=")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if allowed is None:
+            return pad_results(*self._raw_search(queries, min(k, len(self)), None), k)
+        allowed = np.unique(np.asarray(allowed, dtype=np.int64))
+        if len(allowed) == 0:
+            return pad_results(np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64), k)
+        if self.vectors is not None and len(allowed) <= EXACT_SUBSET_MAX:
+            return exact_top_k(queries, self.vectors(allowed), k, allowed)
+        selector = faiss.IDSelectorBatch(allowed)
+        return pad_results(*self._raw_search(queries, min(k, len(allowed)), selector), k)
+
+
+class FlatBackend(FaissBackend):
+    """Exact inner product over every vector (``IndexFlatIP``)."""
+
+    kind = "flat"
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, **_: object) -> FlatBackend:
+        index = faiss.IndexFlatIP(vectors.shape[1])
+        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        return cls(index, {"faiss": "IndexFlatIP"}, vectors=lambda rows: vectors[rows])
+
+
+class SQ8Backend(FaissBackend):
+    """8-bit scalar quantisation per dimension (``IndexScalarQuantizer``, inner product): 4x less
+    memory than flat, still a full scan, recall@10 close to 1 on descriptor-like data."""
+
+    kind = "sq8"
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, **_: object) -> SQ8Backend:
+        index = faiss.IndexScalarQuantizer(vectors.shape[1], faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+        data = np.ascontiguousarray(vectors, dtype=np.float32)
+        index.train(data)  # per-dimension min/max: one pass, no sampling needed
+        index.add(data)
+        return cls(index, {"faiss": "IndexScalarQuantizer(QT_8bit, IP)"}, vectors=lambda rows: vectors[rows])
+
+
+def ivfpq_params(n: int, dim: int, nlist: int | None = None, m: int | None = None, nbits: int | None = None,
+                 nprobe: int | None = None, rerank: int | None = None, train_size: int | None = None) -> dict:
+    """IVF-PQ parameters for ``n`` vectors: nlist ~ 4 sqrt(n) (at most n / 39, faiss's minimum
+    training points per centroid), m = the largest of 48/32/24/16/8/4/2/1 dividing ``dim`` with
+    8-bit codes (fewer bits when there are too few vectors to train 256 centroids)."""
+    nlist = nlist or max(1, min(round(4 * math.sqrt(n)), n // 39))
+    if m is None:
+        m = next(c for c in (48, 32, 24, 16, 8, 4, 2, 1) if dim % c == 0 and c <= dim)
+    if dim % m:
+        raise ValueError(f"IVF-PQ: m={m} must divide the dimension {dim}")
+    nbits = nbits or max(1, min(8, int(math.log2(max(2, n // 39)))))
+    train_size = train_size or min(n, max(40 * nlist, 39 * 2**nbits, 10_000))
+    return {"nlist": int(nlist), "m": int(m), "nbits": int(nbits), "nprobe": int(nprobe or min(DEFAULT_NPROBE, nlist)),
+            "rerank": int(DEFAULT_RERANK if rerank is None else rerank), "train_size": int(min(train_size, n))}
+
+
+class IVFPQBackend(FaissBackend):
+    """Inverted file over ``nlist`` k-means cells, product-quantised residuals, then an exact
+    re-rank of the ``rerank * k`` best candidates against the stored vectors (``vectors(rows)``,
+    i.e. raw.npy memory-mapped and aligned on the fly). Without re-rank, PQ distances alone cap
+    recall@10 well below 0.95 on dense descriptor clusters; with it, the cap is nprobe."""
+
+    kind = "ivfpq"
+    mmap_flag = faiss.IO_FLAG_MMAP
+
+    def __init__(self, index: faiss.Index, params: dict | None = None, vectors: RowVectors | None = None) -> None:
+        super().__init__(index, params, vectors)
+        self.index.nprobe = int(self.params.get("nprobe", DEFAULT_NPROBE))
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, seed: int = 0, **overrides: object) -> IVFPQBackend:
+        data = np.ascontiguousarray(vectors, dtype=np.float32)
+        n, dim = data.shape
+        params = ivfpq_params(n, dim, **overrides)
+        quantizer = faiss.IndexFlatL2(dim)  # L2 on unit vectors ranks like inner product
+        index = faiss.IndexIVFPQ(quantizer, dim, params["nlist"], params["m"], params["nbits"])
+        index.cp.seed = seed
+        index.pq.cp.seed = seed
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=params["train_size"], replace=False))
+        index.train(np.ascontiguousarray(data[rows]))
+        index.add(data)
+        params["faiss"] = f"IndexIVFPQ(nlist={params['nlist']}, m={params['m']}x{params['nbits']} bit, L2)"
+        return cls(index, params, vectors=lambda r: data[r])
+
+    def _search_params(self, selector: faiss.IDSelector | None):
+        if selector is None:
+            return None
+        return faiss.SearchParametersIVF(sel=selector, nprobe=self.index.nprobe)
+
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
+               geo: tuple[float, float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        rerank = int(self.params.get("rerank", DEFAULT_RERANK))
+        if self.vectors is None or rerank <= 1:
+            return super().search(queries, k, allowed, geo)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if allowed is not None and len(np.unique(allowed)) <= EXACT_SUBSET_MAX:
+            return super().search(queries, k, allowed, geo)  # exact over the subset already
+        _, candidates = super().search(queries, k * rerank, allowed, geo)
+        return rerank_exact(queries, candidates, self.vectors, k)
+
+
+def rerank_exact(queries: np.ndarray, candidates: np.ndarray, vectors: RowVectors, k: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact scores of each query's candidate rows (``-1`` = none) -> top ``k``.
+
+    The union of all candidates is fetched once in ascending row order (sequential reads of a
+    memory-mapped raw.npy)."""
+    valid = candidates >= 0
+    union = np.unique(candidates[valid])
+    if len(union) == 0:
+        return pad_results(np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64), k)
+    table = np.asarray(vectors(union), dtype=np.float32)
+    position = np.searchsorted(union, np.where(valid, candidates, union[0]))
+    scores = np.einsum("qd,qcd->qc", queries, table[position])
+    scores[~valid] = -np.inf
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return pad_results(np.take_along_axis(scores, order, 1), np.where(
+        np.take_along_axis(valid, order, 1), np.take_along_axis(candidates, order, 1), -1), k)
+
+
+FAISS_BACKENDS: dict[str, type[FaissBackend]] = {"flat": FlatBackend, "sq8": SQ8Backend, "ivfpq": IVFPQBackend}
+
+
+def build_backend(kind: str, vectors: np.ndarray, folder: Path | None = None, **params: object) -> VectorBackend:
+    """Build a backend of ``kind`` (flat | sq8 | ivfpq | qdrant; ``auto`` by size) over aligned
+    ``vectors``; ``folder`` is where a Qdrant local-mode collection is stored."""
+    if kind == "auto":
+        kind = choose_index_type(len(vectors))
+    if kind in FAISS_BACKENDS:
+        return FAISS_BACKENDS[kind].build(vectors, **params)
+    if kind == "qdrant":
+        from cvgl.index.qdrant import QdrantBackend
+
+        return QdrantBackend.build(vectors, folder=folder, **params)
+    raise ValueError(f"unknown index type {kind!r} (auto | flat | sq8 | ivfpq | qdrant)")
