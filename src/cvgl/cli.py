@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     encoder_args(p, None)
 
+    p = sub.add_parser("serve", help="serve an index over HTTP: POST /locate, GET /health, a map page at /")
+    p.add_argument("index", type=Path)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=_in_range(0.01, 1024.0), default=25.0, help="largest accepted photo")
+    encoder_args(p, None)
+
     p = sub.add_parser("bench", help="run benchmarks and write docs/benchmarks.md")
     p.add_argument("names", nargs="+", help="longmont | real-pairs | throughput | all")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
@@ -135,21 +142,29 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index_and_encoder(args: argparse.Namespace):
+    """Open ``args.index`` and build the encoder it was built with (its preset and input size
+    unless ``--encoder``/``--input-size`` say otherwise); refuse a mismatch before any work."""
+    from cvgl.index.store import open_index
+
+    index = open_index(args.index)
+    built = index.manifest["encoder"]
+    if args.input_size is None:  # default to what the index was built with
+        args.input_size = tuple(built["input_size"])
+    encoder = _encoder(args, args.encoder or built["preset"])
+    index.check_encoder(encoder.identity)
+    return index, encoder
+
+
 def cmd_locate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from cvgl.data.images import load_image
-    from cvgl.index.store import open_index
     from cvgl.io import write_json_atomic
     from cvgl.locate import LocateOptions, locate_images
     from cvgl.report import write_visuals
 
-    manifest_index = open_index(args.index)
-    built = manifest_index.manifest["encoder"]
-    if args.input_size is None:  # default to what the index was built with
-        args.input_size = tuple(built["input_size"])
-    encoder = _encoder(args, args.encoder or built["preset"])
-    manifest_index.check_encoder(encoder.identity)
+    manifest_index, encoder = _index_and_encoder(args)
     options = LocateOptions(
         view=args.view, top_k=args.top_k, heading_deg=args.heading, pitch_deg=args.pitch,
         altitude_m=args.altitude, hfov_deg=args.hfov, rotations=args.rotations, scales=args.scales,
@@ -181,6 +196,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from cvgl.service import create_app
+    except ImportError as exc:
+        raise CvglError(f"cvgl serve needs the serve extra ({exc.name} is missing); pip install -e '.[serve]'") from None
+    index, encoder = _index_and_encoder(args)
+    app = create_app(index, encoder, max_upload_mb=args.max_upload_mb)
+    print(f"serving {args.index} ({len(index)} tiles) on http://{args.host}:{args.port}/", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cvgl.demo import run_demo
 
@@ -191,7 +220,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _threads(args)
-    handlers = {"index": cmd_index, "locate": cmd_locate, "bench": cmd_bench, "demo": cmd_demo}
+    handlers = {"index": cmd_index, "locate": cmd_locate, "bench": cmd_bench, "demo": cmd_demo, "serve": cmd_serve}
     try:
         return handlers[args.command](args)
     except CvglError as exc:

@@ -1,0 +1,292 @@
+"""The HTTP service behind ``cvgl serve``: one opened index, one encoder, a map page.
+
+Endpoints:
+
+``POST /locate``          multipart upload ``image`` (+ optional form fields ``heading``, ``pitch``,
+                          ``altitude``, ``hfov``, ``top_k``, ``view``) -> exactly the JSON object
+                          ``cvgl locate`` prints for that photo. ``?heatmap=N`` adds ``heatmap``
+                          (the N best tiles: row, lat, lon, score) and ``top_k_rows`` for the page.
+``GET /health``           ``{"status", "index", "tiles", "encoder"}``
+``GET /meta``             what the page needs to draw the map (bounds, tile size, counts)
+``GET /overview.png``     the index's north-up preview of its reference raster
+``GET /tiles/{row}.png``  one reference tile's pixels, re-read from the source raster
+``GET /``                 the page (``static/``): drop a photo, see prediction, top-k and heatmap
+
+Why it is built this way:
+
+* Uploads are read into memory with a hard cap (413 past it; a declared ``Content-Length`` over
+  the cap is refused before any byte is read), typed by their magic bytes (415 unless JPEG, PNG,
+  TIFF or WebP) and decoded by :mod:`cvgl.data.images` (422 with its one-line message when not).
+* The client's file name is only ever reduced to a display basename (:func:`safe_name`). The
+  locate pipeline reads photos from paths (pixels *and* EXIF/XMP), so the bytes go to a
+  ``tempfile`` whose name the server picks, and every answer or error names the basename only.
+* The model and the index's score cache are not made for concurrent use, and two parallel
+  forwards on a 2-core box are no faster than one after the other: inference runs in the
+  threadpool (the event loop keeps serving pages) under one lock.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from cvgl.index.store import ReferenceIndex
+from cvgl.locate import VIEWS, LocateOptions, locate_images
+from cvgl.models.encoder import Encoder
+from cvgl.report import tile_image
+
+#: Magic bytes -> file suffix. Only formats a camera or GIS export produces and Pillow decodes.
+IMAGE_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", ".jpg"),
+    (b"\x89PNG\r\n\x1a\n", ".png"),
+    (b"II*\x00", ".tif"),
+    (b"MM\x00*", ".tif"),
+)
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and the small form fields
+MAX_TOP_K = 1000
+MAX_HEATMAP = 100_000
+TILE_CACHE = 256  # PNG-encoded tiles kept in memory (the page asks for the same few again)
+#: Form fields mirror ``cvgl locate``'s flags and ranges.
+FLOAT_FIELDS: dict[str, tuple[str, float, float]] = {
+    "heading": ("heading_deg", -360.0, 720.0),
+    "pitch": ("pitch_deg", 0.0, 80.0),
+    "altitude": ("altitude_m", 0.1, 1e5),
+    "hfov": ("hfov_deg", 1.0, 170.0),
+}
+STATIC = resources.files("cvgl.service") / "static"
+
+
+def detect_image_type(head: bytes) -> str | None:
+    """The file suffix for ``head``'s magic bytes, or None when it is not an accepted image."""
+    for magic, suffix in IMAGE_MAGIC:
+        if head.startswith(magic):
+            return suffix
+    if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return ".webp"
+    return None
+
+
+def safe_name(client_name: str | None) -> str:
+    """A display-only basename of a client-given file name (never used as a path).
+
+    Both separators count (a Windows browser may send ``C:\\photos\\a.jpg``); control characters
+    are dropped and the length is bounded, so the name is safe to echo in JSON and HTML.
+    """
+    base = PurePosixPath((client_name or "").replace("\\", "/")).name
+    base = re.sub(r"[\x00-\x1f\x7f]", "", base).strip()
+    if base in ("", ".", ".."):
+        return "upload"
+    return base[-120:]
+
+
+@dataclass
+class ServiceState:
+    """What every request shares: the index, its encoder, and the one inference lock."""
+
+    index: ReferenceIndex
+    encoder: Encoder
+    max_upload_bytes: int
+    options: LocateOptions = field(default_factory=LocateOptions)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    tiles: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
+    tiles_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def locate(self, data: bytes, suffix: str, name: str, options: LocateOptions) -> tuple[dict, np.ndarray | None]:
+        """Run ``locate_images`` on the upload; the answer names ``name``, never the temp file."""
+        with tempfile.TemporaryDirectory(prefix="cvgl-serve-") as folder:
+            path = Path(folder) / f"upload{suffix}"  # server-chosen name
+            path.write_bytes(data)
+            with self.lock:
+                results, scores, _ = locate_images([path], self.encoder, self.index, options, progress=False)
+        result = results[0]
+        result["query"] = name
+        if "error" in result:
+            result["error"] = result["error"].replace(str(path), name)
+        return result, scores[0]
+
+    def tile_png(self, row: int) -> bytes:
+        """One tile as PNG bytes (small LRU: thumbnails are asked for again and again)."""
+        with self.tiles_lock:
+            if row in self.tiles:
+                self.tiles.move_to_end(row)
+                return self.tiles[row]
+        buffer = io.BytesIO()
+        Image.fromarray(np.asarray(tile_image(self.index, row))).convert("RGB").save(buffer, format="PNG")
+        data = buffer.getvalue()
+        with self.tiles_lock:
+            self.tiles[row] = data
+            while len(self.tiles) > TILE_CACHE:
+                self.tiles.popitem(last=False)
+        return data
+
+    def bounds(self) -> tuple[float, float, float, float]:
+        """(south, west, north, east) of the map: the overview's, else the tiles' plus a margin."""
+        stored = self.index.manifest.get("overview_bounds")
+        if stored and (self.index.path / "overview.png").is_file():
+            return tuple(float(b) for b in stored)  # type: ignore[return-value]
+        lat, lon = self.index.tiles["lat"].to_numpy(), self.index.tiles["lon"].to_numpy()
+        tile_m = float(self.index.manifest.get("tile_m") or 100.0)
+        dlat = tile_m / 111_320.0
+        dlon = dlat / max(math.cos(math.radians(float(lat.mean()))), 1e-6)
+        return float(lat.min() - dlat), float(lon.min() - dlon), float(lat.max() + dlat), float(lon.max() + dlon)
+
+
+async def _read_capped(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) anything over ``limit`` bytes before reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"upload is {int(declared) / 1e6:.1f} MB, over the {limit / 1e6:.0f} MB limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"upload is over the {limit / 1e6:.0f} MB limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+def _options(form: dict[str, str], base: LocateOptions) -> LocateOptions:
+    """Locate options from the form fields, checked like ``cvgl locate``'s flags (422 when not)."""
+    changes: dict = {}
+    for key, (attr, low, high) in FLOAT_FIELDS.items():
+        text = form.get(key, "").strip()
+        if not text:
+            continue
+        try:
+            value = float(text)
+        except ValueError:
+            raise HTTPException(422, f"{key}: '{text[:40]}' is not a number") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            raise HTTPException(422, f"{key}: {value:g} is outside [{low:g}, {high:g}]")
+        changes[attr] = value
+    top_k = form.get("top_k", "").strip()
+    if top_k:
+        if not top_k.isdigit() or not 1 <= int(top_k) <= MAX_TOP_K:
+            raise HTTPException(422, f"top_k: '{top_k[:40]}' is not a whole number in [1, {MAX_TOP_K}]")
+        changes["top_k"] = int(top_k)
+    view = form.get("view", "").strip()
+    if view:
+        if view not in VIEWS:
+            raise HTTPException(422, f"view: '{view[:40]}' is not one of {', '.join(VIEWS)}")
+        changes["view"] = view
+    return replace(base, **changes)
+
+
+def _heatmap(scores: np.ndarray, index: ReferenceIndex, n: int) -> list[dict]:
+    order = np.argsort(-scores, kind="stable")[:n]
+    lat, lon = index.tiles["lat"].to_numpy(), index.tiles["lon"].to_numpy()
+    return [{"row": int(i), "lat": float(lat[i]), "lon": float(lon[i]), "score": float(scores[i])} for i in order]
+
+
+def create_app(
+    index: ReferenceIndex,
+    encoder: Encoder,
+    max_upload_mb: float = 25.0,
+    options: LocateOptions | None = None,
+) -> FastAPI:
+    """The service for one opened index and the encoder it was built with.
+
+    ``options`` are the server's locate defaults (as ``cvgl locate``'s flags would set them);
+    each request may override heading, pitch, altitude, hfov, top_k and view.
+    """
+    if not max_upload_mb > 0:
+        raise ValueError(f"max_upload_mb must be positive, got {max_upload_mb}")
+    index.check_encoder(encoder.identity)
+    state = ServiceState(index, encoder, int(max_upload_mb * 1024 * 1024), options or LocateOptions())
+    preset = encoder.identity.get("preset") or index.manifest["encoder"].get("preset")
+    app = FastAPI(title="cvgl", summary="Cross-view geo-localization: locate a photo against an aerial index.")
+    app.state.cvgl = state
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> HTMLResponse:
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "index": index.path.name, "tiles": len(index), "encoder": preset}
+
+    @app.get("/meta")
+    def meta() -> dict:
+        return {
+            "index": index.path.name,
+            "tiles": len(index),
+            "encoder": preset,
+            "tile_m": index.manifest.get("tile_m"),
+            "stride_m": (index.manifest.get("tiling") or {}).get("stride_m"),
+            "bounds": list(state.bounds()),  # south, west, north, east
+            "overview": (index.path / "overview.png").is_file() and bool(index.manifest.get("overview_bounds")),
+            "max_upload_bytes": state.max_upload_bytes,
+            "views": list(VIEWS),
+            "default_top_k": state.options.top_k,
+        }
+
+    @app.get("/overview.png", include_in_schema=False)
+    def overview() -> FileResponse:
+        path = index.path / "overview.png"
+        if not path.is_file():
+            raise HTTPException(404, "this index has no overview image (built from a tile folder)")
+        return FileResponse(path, media_type="image/png")
+
+    @app.get("/tiles/{row}.png", include_in_schema=False)
+    def tile(row: int) -> Response:
+        if not 0 <= row < len(index):
+            raise HTTPException(404, f"tile row {row} is outside [0, {len(index) - 1}]")
+        return Response(state.tile_png(row), media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+    @app.post("/locate")
+    async def locate(request: Request, heatmap: int = 0) -> dict:
+        if not 0 <= heatmap <= MAX_HEATMAP:
+            raise HTTPException(422, f"heatmap: {heatmap} is outside [0, {MAX_HEATMAP}]")
+        if "multipart/form-data" not in request.headers.get("content-type", ""):
+            raise HTTPException(415, "send the photo as multipart/form-data with a field named 'image'")
+        body = await _read_capped(request, state.max_upload_bytes + MULTIPART_OVERHEAD)
+        parser = MultiPartParser(request.headers, _once(body), max_files=1, max_fields=16)
+        parser.spool_max_size = len(body) + 1  # keep the upload in memory, never on disk
+        try:
+            form = await parser.parse()
+        except MultiPartException as exc:
+            raise HTTPException(400, f"malformed multipart body: {exc}") from None
+        upload = form.get("image")
+        if not isinstance(upload, UploadFile):
+            raise HTTPException(422, "no file in the form field 'image'")
+        data = await upload.read()
+        name = safe_name(upload.filename)
+        if len(data) > state.max_upload_bytes:
+            raise HTTPException(413, f"{name}: {len(data) / 1e6:.1f} MB, over the {state.max_upload_bytes / 1e6:.0f} MB limit")
+        suffix = detect_image_type(data[:16])
+        if suffix is None:
+            raise HTTPException(415, f"{name}: not a JPEG, PNG, TIFF or WebP image")
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        options = _options(fields, state.options)
+        result, scores = await run_in_threadpool(state.locate, data, suffix, name, options)
+        if "error" in result:
+            raise HTTPException(422, result["error"])
+        if heatmap and scores is not None:
+            result["heatmap"] = _heatmap(scores, index, heatmap)
+            # the same stable order as ``answer`` ranks top_k in
+            result["top_k_rows"] = [int(i) for i in np.argsort(-scores, kind="stable")[: len(result["top_k"])]]
+        return result
+
+    return app
