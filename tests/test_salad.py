@@ -3,6 +3,7 @@ whole forward pass vs a loop written from the paper's equations."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -29,7 +30,7 @@ def reference_sinkhorn(scores: np.ndarray, cluster_mass: np.ndarray, feature_mas
 
 
 def small_config(**overrides) -> SaladConfig:
-    base = dict(num_channels=8, num_clusters=6, cluster_dim=4, token_dim=3, dropout=0.0, out_dim=5)
+    base = {"num_channels": 8, "num_clusters": 6, "cluster_dim": 4, "token_dim": 3, "dropout": 0.0, "out_dim": 5}
     return SaladConfig(**{**base, **overrides})
 
 
@@ -195,7 +196,7 @@ def test_a_larger_dustbin_score_discards_more_of_every_token(iters):
         for z in (-2.0, 0.0, 2.0, 4.0):
             head.dustbin.fill_(z)
             weights.append(head.assignments(tokens).dustbin_weight)
-    for low, high in zip(weights, weights[1:]):
+    for low, high in itertools.pairwise(weights):
         assert torch.all(high > low)
 
 

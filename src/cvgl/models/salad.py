@@ -195,4 +195,4 @@ class Salad(nn.Module):
         return SaladAssignments(plan=plan, dustbin_weight=dustbin, cluster_probs=clusters)
 
 
-__all__ = ["Salad", "SaladConfig", "SaladAssignments", "transport_marginals", "log_sinkhorn"]
+__all__ = ["Salad", "SaladAssignments", "SaladConfig", "log_sinkhorn", "transport_marginals"]
