@@ -89,7 +89,7 @@ function drawHeat(heat) {
     const [hx, hy] = halfSide(h.lat, spacing);
     const rect = svg("rect", {
       x: x - hx, y: y - hy, width: 2 * hx, height: 2 * hy,
-      fill: turbo(t), "fill-opacity": (0.1 + 0.55 * t * t).toFixed(3), class: "heat-tile",
+      fill: turbo(t), "fill-opacity": (0.08 + 0.42 * t * t).toFixed(3), class: "heat-tile",
     });
     rect.appendChild(svg("title")).textContent = `score ${h.score.toFixed(4)}`;
     layer.appendChild(rect);
@@ -105,7 +105,7 @@ function drawCandidates(topK) {
     const [hx, hy] = halfSide(tile.lat, side);
     const group = svg("g", { class: "candidate", "data-rank": rank + 1 });
     group.appendChild(svg("rect", { x: x - hx, y: y - hy, width: 2 * hx, height: 2 * hy, fill: "none", stroke: colour, "stroke-width": rank === 0 ? 4 : 2.5 }));
-    const label = svg("text", { x: x - hx + 4, y: y - hy + 16, fill: colour, "font-size": 16, "font-weight": "bold", stroke: "#000", "stroke-width": 0.6 });
+    const label = svg("text", { x: x - hx + 4, y: y - hy + 17, fill: colour, "font-size": 17, "font-weight": "bold", stroke: "#000", "stroke-width": 3, "paint-order": "stroke" });
     label.textContent = `#${rank + 1}`;
     group.appendChild(label);
     group.appendChild(svg("title")).textContent = `#${rank + 1} ${tile.tile_id}: score ${tile.score.toFixed(4)}`;
