@@ -250,3 +250,14 @@ def test_page_and_overview(client: TestClient, served) -> None:
     overview = client.get("/overview.png")
     assert overview.status_code == 200
     assert overview.content == (index.path / "overview.png").read_bytes()
+
+
+def test_benchmark_upload_body_is_what_a_browser_sends(client: TestClient, served) -> None:
+    """``cvgl bench service`` builds its multipart body by hand: it must be answered like httpx's."""
+    from cvgl.bench.service import multipart_body
+
+    _, _, photo = served
+    body, content_type = multipart_body("image", photo.name, photo.read_bytes())
+    by_hand = client.post("/locate", content=body, headers={"Content-Type": content_type})
+    assert by_hand.status_code == 200, by_hand.text
+    assert by_hand.json() == _post(client, photo.read_bytes(), photo.name).json()

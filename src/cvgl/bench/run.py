@@ -15,6 +15,7 @@ BENCHMARKS = {
     "throughput": "cvgl.bench.throughput",
     "real-pairs": "cvgl.bench.real_pairs",
     "longmont": "cvgl.bench.longmont",
+    "service": "cvgl.bench.service",
 }
 SECTIONS = Path("bench_out")
 
@@ -40,7 +41,7 @@ def run_all(names: list[str], out: Path | None, quick: bool = False, assemble: b
             kept = SECTIONS / f"{name}.md"
             sections.append(kept.read_text() if kept.is_file() else "")
             continue
-        argv = ["--quick"] if quick and name == "throughput" else []
+        argv = ["--quick"] if quick and name in ("throughput", "service") else []
         if quick and name == "longmont":
             argv = ["--per-family", "10", "--fit-per-family", "6", "--grid-queries", "20", "--no-resolution"]
         print(f"== benchmark {name} ==", flush=True)
