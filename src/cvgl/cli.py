@@ -31,6 +31,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _latlon(text: str) -> tuple[float, float]:
+    try:
+        lat, lon = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not LAT,LON (e.g. 40.17,-105.1)") from None
+    if not (-90 <= lat <= 90 and -180 <= lon <= 180):
+        raise argparse.ArgumentTypeError(f"'{text}': latitude must be in [-90, 90] and longitude in [-180, 180]")
+    return lat, lon
+
+
 def _in_range(low: float, high: float):
     def parse(text: str) -> float:
         try:
@@ -95,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-alignment", default="center", choices=["center", "coral", "off"],
         help="fit a query-view alignment on this batch of photos (no labels; used with >= 16 photos)",
     )
+    p.add_argument("--near", type=_latlon, default=None, metavar="LAT,LON",
+                   help="geographic prior: only consider tiles within --radius-km of this point")
+    p.add_argument("--radius-km", type=_in_range(1e-3, 20_000.0), default=None, help="radius of --near, km")
     encoder_args(p, None)
 
     p = sub.add_parser("serve", help="serve an index over HTTP: POST /locate, GET /health, a map page at /")
@@ -164,11 +177,14 @@ def cmd_locate(args: argparse.Namespace) -> int:
     from cvgl.locate import LocateOptions, locate_images
     from cvgl.report import write_visuals
 
+    if (args.near is None) != (args.radius_km is None):
+        raise CvglError("--near LAT,LON and --radius-km R go together")
     manifest_index, encoder = _index_and_encoder(args)
     options = LocateOptions(
         view=args.view, top_k=args.top_k, heading_deg=args.heading, pitch_deg=args.pitch,
         altitude_m=args.altitude, hfov_deg=args.hfov, rotations=args.rotations, scales=args.scales,
         batch_alignment=None if args.batch_alignment == "off" else args.batch_alignment, heading_tolerance_deg=args.heading_tolerance,
+        near=args.near, radius_km=args.radius_km,
     )
     results, scores, _ = locate_images(args.images, encoder, manifest_index, options)
     if args.json:

@@ -13,6 +13,17 @@ Per photo:
    confidence is the softmax mass within that radius — high when the evidence agrees on one
    place, low when similar scores are spread over the map.
 
+Scoring every tile (``ReferenceIndex.scores``, dense ``[H, N]``) is exact and is what a small
+flat index uses (at most ``DENSE_MAX`` tiles). Larger or non-flat indexes (SQ8, IVF-PQ,
+Qdrant) are searched instead: each hypothesis asks the backend for its ``options.candidates``
+best tiles under the *stored* alignment, and the union of candidates is re-scored exactly
+against raw.npy — with the locate-time batch alignment when there is one, so for these indexes
+the batch alignment applies to re-ranking the top candidates only (tiles the stored alignment
+ranks below the candidate pool are never seen). Tiles outside the pool get score ``-inf``: the
+softmax confidence is then taken over the pool, which at temperature 0.02 misses mass only
+from tiles far below the best. A geographic prior (``near`` + ``radius_km``) keeps only tiles
+within the radius, in both paths.
+
 The reported ``lat``/``lon`` is the ground point at the photo's centre (what the photo shows).
 When pitch, heading and altitude are all known we also give ``camera_lat``/``camera_lon``, the
 drone's own position, and ``error_m`` (against EXIF GPS, which records the camera) uses it.
@@ -38,6 +49,7 @@ from cvgl.data.images import load_image
 from cvgl.data.metadata import CameraMetadata, read_camera_metadata
 from cvgl.errors import CvglError, InputError
 from cvgl.geo import geodesic_distance_m, offset_latlon
+from cvgl.index.backends import FLAT_MAX
 from cvgl.index.store import ReferenceIndex
 from cvgl.models.encoder import Encoder
 from cvgl.zeroshot.alignment import fit_alignment
@@ -47,6 +59,7 @@ DEFAULT_TILE_M = 100.0  # only for a one-tile folder index, where no spacing can
 MAX_PITCH_DEG = 80.0  # steeper than this, a rectified view is mostly sky or smeared horizon
 MIN_SIDE_PX = 28  # two patches: anything smaller carries no usable evidence
 MIN_BATCH_ALIGNMENT = 16  # photos needed before a batch's own statistics are trusted
+DENSE_MAX = FLAT_MAX  # flat indexes up to this many tiles are scored densely (exact, as before)
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,9 @@ class LocateOptions:
     # Fit a query-view alignment on this batch's own photos (no labels) when there are at least
     # MIN_BATCH_ALIGNMENT of them: "center" measured best leak-free on Longmont. None = index's.
     batch_alignment: str | None = "center"
+    near: tuple[float, float] | None = None  # geographic prior: (lat, lon) ...
+    radius_km: float | None = None  # ... and only tiles within this radius
+    candidates: int = 256  # per hypothesis, when the index is searched instead of scored densely
 
 
 @dataclass
@@ -188,13 +204,16 @@ def answer(
     tiles = index.tiles
     lat, lon = tiles["lat"].to_numpy(), tiles["lon"].to_numpy()
     order = np.argsort(-tile_scores, kind="stable")[: options.top_k]
+    order = order[np.isfinite(tile_scores[order])]  # a searched index or a prior leaves -inf tiles
     best = int(order[0])
     radius = (index.manifest.get("tile_m") or DEFAULT_TILE_M) / math.sqrt(2.0)  # the tile half-diagonal
-    weights = softmax(tile_scores, options.temperature)
-    near = geodesic_distance_m(lat[best], lon[best], lat, lon) <= radius
+    scored = slice(None) if np.isfinite(tile_scores).all() else np.flatnonzero(np.isfinite(tile_scores))
+    s_lat, s_lon = lat[scored], lon[scored]  # only scored tiles take part (see module doc)
+    weights = softmax(tile_scores[scored], options.temperature)
+    near = geodesic_distance_m(lat[best], lon[best], s_lat, s_lon) <= radius
     w = weights * near
-    est_lat = float((w * lat).sum() / w.sum())
-    est_lon = float((w * lon).sum() / w.sum())
+    est_lat = float((w * s_lat).sum() / w.sum())
+    est_lon = float((w * s_lon).sum() / w.sum())
     hyp = query.hypotheses[int(best_hypothesis[best])]
     result: dict = {
         "query": query.name,
@@ -238,6 +257,34 @@ def best_over_hypotheses(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return scores.max(0), scores.argmax(0)
 
 
+def dense_scoring(index: ReferenceIndex) -> bool:
+    """Score every tile (exact, as for the demo) or search the backend (see module doc)."""
+    return index.index_type == "flat" and len(index) <= DENSE_MAX
+
+
+def hypothesis_scores(
+    index: ReferenceIndex, desc: np.ndarray, alignment, options: LocateOptions, allowed: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-tile best score over a photo's hypotheses ``[N]`` (``-inf`` = not scored) and which
+    hypothesis gave it: dense for small flat indexes, else backend candidates re-scored exactly."""
+    if dense_scoring(index):
+        scores = index.scores(desc, alignment)
+        if allowed is not None:
+            masked = np.full_like(scores, -np.inf)
+            masked[:, allowed] = scores[:, allowed]
+            scores = masked
+        return best_over_hypotheses(scores)
+    near = options.near if allowed is not None else None
+    radius = options.radius_km if allowed is not None else None
+    _, rows = index.search(desc, options.candidates, near=near, radius_km=radius)
+    pool = np.unique(rows[rows >= 0])
+    exact = alignment.apply(desc, "query") @ index.reference_rows(pool).T  # [H, pool]
+    tile_scores = np.full(len(index), -np.inf, dtype=np.float32)
+    best_hyp = np.zeros(len(index), dtype=np.int64)
+    tile_scores[pool], best_hyp[pool] = exact.max(0), exact.argmax(0)
+    return tile_scores, best_hyp
+
+
 def locate_images(
     paths: list[Path], encoder: Encoder, index: ReferenceIndex, options: LocateOptions, progress: bool = True
 ) -> tuple[list[dict], list[np.ndarray | None], list[PreparedQuery | None]]:
@@ -272,6 +319,13 @@ def locate_images(
     good = [d for d in descriptors if d is not None]
     if options.batch_alignment and len(good) >= MIN_BATCH_ALIGNMENT:
         alignment = fit_alignment(options.batch_alignment, index.raw, queries=np.concatenate(good))
+    allowed = None
+    if options.near is not None or options.radius_km is not None:
+        if options.near is None or options.radius_km is None:
+            raise InputError("a geographic prior needs both near (lat, lon) and radius_km")
+        allowed = index.allowed_rows(options.near, options.radius_km)
+        if len(allowed) == 0:
+            raise InputError(f"{index.path}: no tile within {options.radius_km:g} km of {options.near[0]:.6f},{options.near[1]:.6f}")
 
     results: list[dict] = []
     all_scores: list[np.ndarray | None] = []
@@ -280,7 +334,7 @@ def locate_images(
             results.append({"query": str(paths[i]), "error": errors[i]})
             all_scores.append(None)
             continue
-        tile_scores, best_hyp = best_over_hypotheses(index.scores(desc, alignment))
+        tile_scores, best_hyp = hypothesis_scores(index, desc, alignment, options, allowed)
         result = answer(query, tile_scores, best_hyp, index, options)
         result["alignment"] = alignment.kind
         results.append(result)

@@ -15,6 +15,7 @@ is Qdrant's ``GeoRadius`` payload filter on ``location`` (``geo=(lat, lon, radiu
 
 from __future__ import annotations
 
+import atexit
 import os
 import uuid
 from pathlib import Path
@@ -27,6 +28,14 @@ QDRANT_DIR = "qdrant"
 URL_ENV = "CVGL_QDRANT_URL"
 UPLOAD_BATCH = 2048
 _LOCAL_CLIENTS: dict[tuple[str, int], object] = {}  # local storage is single-client: share it
+
+
+@atexit.register
+def _close_local_clients() -> None:
+    """Close shared local clients before interpreter shutdown (qdrant's __del__ fails then)."""
+    for client in _LOCAL_CLIENTS.values():
+        client.close()
+    _LOCAL_CLIENTS.clear()
 
 
 def _server_url() -> str | None:
