@@ -1,99 +1,98 @@
-"""``cvgl index``: reference source (GeoTIFF or tile folder + CSV) -> encoded, aligned index."""
+"""``cvgl index``: reference source (GeoTIFF or tile folder + CSV) -> encoded, aligned index.
+
+The source is embedded shard by shard (:mod:`cvgl.index.shards`): in this process by default, or
+on a Ray cluster with ``ray=RayOptions(...)`` (:mod:`cvgl.index.ray_embed`). Either way, a build
+interrupted by a crash resumes from the shards already on disk when run again.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import sys
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 from tqdm import tqdm
 
-from cvgl.data.images import load_image
-from cvgl.data.raster import TilingSpec, count_tiles, iter_tiles, raster_overview, read_tile_folder
-from cvgl.errors import InputError
+from cvgl.data.raster import TilingSpec, raster_overview
 from cvgl.geo import typical_spacing_m
+from cvgl.index.ray_embed import RayOptions
+from cvgl.index.shards import (
+    DEFAULT_SHARD_SIZE,
+    Log,
+    embed_in_process,
+    merge_shards,
+    open_shard_folder,
+    plan_source,
+    remove_shard_folder,
+    shard_folder,
+)
 from cvgl.index.store import check_output_folder, write_index
 from cvgl.models.encoder import Encoder
 from cvgl.zeroshot.alignment import DEFAULT_KIND, fit_alignment
 
-
-def _raster_rows(path: Path, spec: TilingSpec, rows: list[dict]) -> Iterator[np.ndarray]:
-    """Yield tile images while recording their metadata rows (one pass over the raster)."""
-    for tile in iter_tiles(path, spec):
-        col_off, row_off, width, height = tile.window
-        rows.append(
-            dict(
-                tile_id=tile.tile_id,
-                lat=tile.lat,
-                lon=tile.lon,
-                x=tile.x,
-                y=tile.y,
-                crs=tile.crs,
-                source=str(path.name),
-                col_off=col_off,
-                row_off=row_off,
-                width=width,
-                height=height,
-                gsd_m=tile.gsd_m,
-            )
-        )
-        yield tile.image
+DEFAULT_TILING = TilingSpec()
 
 
-def encode_source(
-    source: Path, encoder: Encoder, spec: TilingSpec, csv: Path | None = None, batch_size: int = 16, progress: bool = True
-) -> tuple[np.ndarray, pd.DataFrame, dict]:
-    """Encode every tile of ``source``; returns (raw descriptors, tile table, manifest extras)."""
-    source = Path(source)
-    if not source.exists():
-        raise InputError(f"{source}: no such file or folder; give a GeoTIFF or a folder of tiles with tiles.csv")
-    rows: list[dict] = []
-    if source.is_dir():
-        records = read_tile_folder(source, csv)
-        images = (load_image(r.image_path) for r in records)
-        total = len(records)
-        rows = [dict(tile_id=r.tile_id, lat=r.lat, lon=r.lon, source=str(r.image_path.name)) for r in records]
-        extra = {"source": {"kind": "tile-folder", "name": source.name, "path": str(source.resolve()), "count": total}}
-    else:
-        total = count_tiles(source, spec)
-        images = _raster_rows(source, spec, rows)
-        extra = {
-            # The absolute path lets maps and grids re-read tile pixels later; not needed to search.
-            "source": {"kind": "geotiff", "name": source.name, "path": str(source.resolve())},
-            "tiling": {"tile_m": spec.tile_m, "stride_m": spec.stride_m, "gsd_m": spec.gsd_m, "bands": spec.bands},
-        }
-    bar = tqdm(images, total=total, desc="encoding tiles", unit="tile", disable=not progress)
-    raw = encoder.encode(bar, batch_size=batch_size)
-    if len(raw) == 0:
-        raise InputError(f"{source}: no usable tiles (all empty or nodata); check the raster, bands and tiling")
-    return raw, pd.DataFrame(rows), extra
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def build_index(
     source: Path,
     out: Path,
     encoder: Encoder,
-    spec: TilingSpec = TilingSpec(),
+    spec: TilingSpec = DEFAULT_TILING,
     alignment: str = DEFAULT_KIND,
     csv: Path | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    *,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    ray: RayOptions | None = None,
+    log: Log = _stderr,
 ) -> Path:
     """Encode ``source`` and write an index folder at ``out`` (atomically).
 
-    Only reference-side alignments can be fitted here (no queries exist yet); query-view
-    statistics are fitted at locate time on the batch of photos (``LocateOptions.batch_alignment``).
+    ``encoder`` embeds in process; with ``ray`` it only gives the identity the Ray actors must
+    reproduce (they build their own from ``ray.recipe``). Shards live in ``OUT.shards`` until the
+    index is written. Only reference-side alignments can be fitted here (no queries exist yet);
+    query-view statistics are fitted at locate time on the batch of photos.
     """
-    check_output_folder(Path(out))  # fail before minutes of encoding, not after
-    raw, tiles, extra = encode_source(source, encoder, spec, csv, batch_size, progress)
+    out = Path(out)
+    check_output_folder(out)  # fail before minutes of encoding, not after
+    plan = plan_source(Path(source), spec, encoder.identity, csv, shard_size)
+    folder = shard_folder(out)
+    finished = open_shard_folder(folder, plan, log)
+    todo = [shard for shard in range(plan.num_shards) if shard not in finished]
+    if finished:
+        log(f"{folder}: resuming, {len(finished)} of {plan.num_shards} shards already embedded")
+    done = sum(len(plan.rows(shard)) for shard in finished)
+    with tqdm(total=len(plan.tiles), initial=done, desc="encoding tiles", unit="tile", disable=not progress) as bar:
+        def on_shard(_shard: int, tiles: int) -> None:
+            bar.update(tiles)
+
+        if ray is None:
+            embed_in_process(plan, folder, encoder, todo, batch_size, on_shard)
+        else:
+            from cvgl.index.ray_embed import embed_with_ray, ray_session
+
+            with ray_session(ray.address, ray.workers):
+                embed_with_ray(plan, folder, todo, ray, batch_size, on_shard)
+    raw, tiles = merge_shards(folder, plan)
     fitted = fit_alignment(alignment, raw)
     overview = None
-    if Path(source).is_dir():
+    if plan.source.kind == "tile-folder":
+        extra = {"source": {"kind": "tile-folder", "name": Path(source).name, "path": plan.source.path, "count": len(tiles)}}
         # A tile folder does not say how big its tiles are: take the spacing of their centres.
         extra["tile_m"] = typical_spacing_m(tiles["lat"].to_numpy(), tiles["lon"].to_numpy()) if len(tiles) > 1 else None
         extra["tile_m_estimated"] = True
     else:
+        extra = {
+            # The absolute path lets maps and grids re-read tile pixels later; not needed to search.
+            "source": {"kind": "geotiff", "name": Path(source).name, "path": plan.source.path},
+            "tiling": {"tile_m": spec.tile_m, "stride_m": spec.stride_m, "gsd_m": spec.gsd_m, "bands": spec.bands},
+            "tile_m": spec.tile_m,
+        }
         overview = raster_overview(source, max_side=1024, bands=spec.bands, stretch=spec.stretch)
-        extra["tile_m"] = spec.tile_m
-    return write_index(out, raw, tiles, encoder.identity, fitted, extra=extra, overview=overview)
+    written = write_index(out, raw, tiles, encoder.identity, fitted, extra=extra, overview=overview)
+    remove_shard_folder(folder)
+    return written
