@@ -111,14 +111,16 @@ def _wait_healthy(port: int, server: subprocess.Popen, timeout_s: float = 300.0)
     raise RuntimeError(f"cvgl serve did not answer /health within {timeout_s:.0f} s")
 
 
-def _row(name: str, wall: float, latencies: list[float], concurrency: int) -> str:
+def _row(name: str, wall: float, latencies: list[float], concurrency: int, load_1min: float) -> str:
     ms = np.asarray(latencies) * 1000.0
     # nearest-rank percentiles: with 50 requests p99 is the slowest but one, not an interpolation
     p50, p99 = (float(np.percentile(ms, q, method="inverted_cdf")) for q in (50, 99))
-    return f"| {name} | {len(ms)} | {concurrency} | {len(ms) / wall:.2f} | {p50:.1f} | {p99:.1f} | {ms.mean():.1f} |"
+    return f"| {name} | {len(ms)} | {concurrency} | {len(ms) / wall:.2f} | {p50:.1f} | {p99:.1f} | {ms.mean():.1f} | {load_1min:.1f} |"
 
 
-def run(requests: int, concurrency: int, in_process_runs: int, weights: str, argv: Sequence[str], log) -> str:
+def run(requests: int, concurrency: int, in_process_runs: int, weights: str, threads: int, argv: Sequence[str], log) -> str:
+    import torch
+
     from cvgl.data.raster import TilingSpec
     from cvgl.data.samples import longmont_scene
     from cvgl.data.synthetic import QueryFamily, make_queries, write_query_photo
@@ -127,6 +129,7 @@ def run(requests: int, concurrency: int, in_process_runs: int, weights: str, arg
     from cvgl.locate import LocateOptions, locate_images
     from cvgl.models.encoder import DEFAULT_PRESET, create_encoder
 
+    torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="cvgl-bench-service-") as tmp:
         folder = Path(tmp)
         encoder = create_encoder(DEFAULT_PRESET, weights=weights)
@@ -142,7 +145,8 @@ def run(requests: int, concurrency: int, in_process_runs: int, weights: str, arg
         upload = {"Content-Type": content_type, "Content-Length": str(len(body))}
 
         port = _free_port()
-        command = [sys.executable, "-m", "cvgl", "serve", str(index_dir), "--host", "127.0.0.1", "--port", str(port)]
+        command = [sys.executable, "-m", "cvgl", "serve", str(index_dir), "--host", "127.0.0.1", "--port", str(port),
+                   "--threads", str(threads)]
         if weights != "embedded":
             command += ["--weights", weights]
         server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -158,8 +162,10 @@ def run(requests: int, concurrency: int, in_process_runs: int, weights: str, arg
             finally:
                 conn.close()
             log(f"{requests} uploads from {concurrency} clients")
+            loads = {"locate": os.getloadavg()[0]}
             locate_wall, locate_lat = load(port, "POST", "/locate", body, upload, requests, concurrency)
             health_n = max(4 * requests, 100)
+            loads["health"] = os.getloadavg()[0]
             health_wall, health_lat = load(port, "GET", "/health", None, {}, health_n, concurrency)
         finally:
             server.terminate()
@@ -171,6 +177,7 @@ def run(requests: int, concurrency: int, in_process_runs: int, weights: str, arg
         log(f"in-process locate_images x {in_process_runs}")
         index = open_index(index_dir, encoder.identity)
         options = LocateOptions()
+        loads["in-process"] = os.getloadavg()[0]
         (direct,), _, _ = locate_images([photo], encoder, index, options, progress=False)
         in_process: list[float] = []
         for _ in range(in_process_runs):
@@ -180,8 +187,6 @@ def run(requests: int, concurrency: int, in_process_runs: int, weights: str, arg
         direct["query"] = photo.name
         same = json.loads(json.dumps(direct)) == answer
         error_m = answer.get("error_m")
-
-    import torch
 
     lines = [
         "## Benchmark `service` (`cvgl serve` on loopback: requests/s, p50/p99 latency)",
@@ -196,15 +201,18 @@ def run(requests: int, concurrency: int, in_process_runs: int, weights: str, arg
         f"({len(body) / 1024:.0f} kB multipart upload); {WARMUP} warm-up uploads first. Its answer is",
         f"{error_m:.0f} m from the truth and {'equals' if same else 'DIFFERS from'} `locate_images`' JSON for the same photo.",
         "",
-        "| path | requests | concurrent clients | requests/s | p50 ms | p99 ms | mean ms |",
-        "|---|---|---|---|---|---|---|",
-        _row("HTTP `POST /locate` (upload, decode, encode 1 view, score, JSON)", locate_wall, locate_lat, concurrency),
-        _row("in-process `locate_images` (same photo, no HTTP)", sum(in_process), in_process, 1),
-        _row("HTTP `GET /health` (server overhead alone)", health_wall, health_lat, concurrency),
+        "| path | requests | concurrent clients | requests/s | p50 ms | p99 ms | mean ms | load avg (1 min) at start |",
+        "|---|---|---|---|---|---|---|---|",
+        _row("HTTP `POST /locate` (upload, decode, encode 1 view, score, JSON)", locate_wall, locate_lat, concurrency, loads["locate"]),
+        _row("in-process `locate_images` (same photo, no HTTP)", sum(in_process), in_process, 1, loads["in-process"]),
+        _row("HTTP `GET /health` (server overhead alone)", health_wall, health_lat, concurrency, loads["health"]),
         "",
-        f"Inference runs under one lock in the server's threadpool (torch {torch.get_num_threads()} threads in each",
-        "process), so with 2 clients one upload waits while the other is encoded: requests/s is bounded by",
-        "1 / (in-process time + HTTP overhead), and the latency of each upload is about twice its service time.",
+        f"Torch runs {threads} thread(s) in each process (`--threads`; both paths alike): on this shared box, 2-thread",
+        "OpenMP under neighbours' load measured 10-20x slower per forward than 1 thread (0.11 s vs ~2 s for one drone photo),",
+        "which would time the neighbours rather than the service. Inference runs under one lock in the server's threadpool,",
+        "so with 2 clients one upload waits while the other is encoded: requests/s is bounded by",
+        "1 / (time inside `locate_images`) while one upload's HTTP work overlaps the other's inference, and each",
+        "upload's latency is about twice its service time; the two rows' load differs, so a few % either way is noise.",
         "Percentiles are nearest-rank over the timed requests (client-side wall time, connection kept alive).",
     ]
     return "\n".join(lines) + "\n"
@@ -216,13 +224,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=2, help="client threads, each with one connection")
     parser.add_argument("--in-process-runs", type=int, default=10)
     parser.add_argument("--weights", default="embedded")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, in the server and in-process alike")
     parser.add_argument("--quick", action="store_true", help="10 uploads, 3 in-process runs")
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown section here")
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.in_process_runs = 10, 3
-    if args.requests < 1 or args.concurrency < 1 or args.in_process_runs < 1:
-        parser.error("--requests, --concurrency and --in-process-runs must be at least 1")
+    if min(args.requests, args.concurrency, args.in_process_runs, args.threads) < 1:
+        parser.error("--requests, --concurrency, --in-process-runs and --threads must be at least 1")
     return args
 
 
@@ -233,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
-    text = run(args.requests, args.concurrency, args.in_process_runs, args.weights, argv, log)
+    text = run(args.requests, args.concurrency, args.in_process_runs, args.weights, args.threads, argv, log)
     return emit_section(text, args.out)
 
 
