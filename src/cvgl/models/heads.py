@@ -120,6 +120,10 @@ class PoolingHead(nn.Module):
     def layers(self) -> list[int]:
         return sorted({pool.layer for pool in self.config.pools})
 
+    @property
+    def final_norm(self) -> bool:
+        return self.config.final_norm
+
     def forward(self, tokens: dict[int, LayerTokens]) -> torch.Tensor:
         parts = [pool.weight * F.normalize(pool_tokens(pool, tokens[pool.layer]), dim=-1) for pool in self.config.pools]
         return F.normalize(torch.cat(parts, dim=-1), dim=-1)

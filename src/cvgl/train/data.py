@@ -1,0 +1,107 @@
+"""Training and test splits from a :class:`~cvgl.train.config.TrainConfig`'s ``data`` section.
+
+Benchmarks are read in their published layouts by :mod:`cvgl.data.datasets`. ``ortho-pairs`` is
+how a user trains on their own region: pairs are cut from two co-registered orthophotos (here
+the embedded Longmont WV2 and WV3 scenes) into ``OUT/pairs/{train,test}`` once, then read back
+as a pairs CSV; spatial strips keep training and test ground apart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cvgl.errors import InputError
+from cvgl.train.config import DataConfig, TrainConfig
+from cvgl.train.distributed import World, barrier
+
+
+def resolve_raster(text: str) -> Path:
+    """``longmont:wv2`` / ``longmont:wv3`` (the embedded scenes) or a GeoTIFF path."""
+    if text.startswith("longmont:"):
+        from cvgl.data.samples import longmont_scene
+
+        return Path(longmont_scene(text.split(":", 1)[1]))
+    path = Path(text)
+    if not path.is_file():
+        raise InputError(f"{path}: orthophoto not found (data.query_raster / data.reference_raster)")
+    return path
+
+
+def _ortho_split(data: DataConfig, out: Path, role: str, world: World | None):
+    from cvgl.data.datasets.ortho_pairs import cut_ortho_pairs
+    from cvgl.data.datasets.pairs_csv import load_pairs_csv
+
+    folder = out / "pairs" / role
+    csv = folder / "pairs.csv"
+    count, x_range, seed = (
+        (data.train_pairs, data.train_x_range, 1) if role == "train" else (data.test_pairs, data.test_x_range, 2)
+    )
+    if world is None or world.is_main:
+        cut_ortho_pairs(  # reuses the folder when it holds pairs cut with the same parameters
+            resolve_raster(data.query_raster), resolve_raster(data.reference_raster), folder,
+            count=count, seed=seed, x_range=x_range,
+        )
+        prepare_queries(load_pairs_csv(csv), folder / "prepared", tile_m=112.0, gsd_m=0.5)
+    if world is not None:
+        barrier(world)
+    return prepared_split(load_pairs_csv(csv, query_view="drone", reference_view="satellite"), folder / "prepared")
+
+
+def _prepared_path(folder: Path, query: Path) -> Path:
+    return folder / (query.stem + ".png")
+
+
+def prepare_queries(split, folder: Path, tile_m: float, gsd_m: float) -> None:
+    """Turn each drone photo into what ``cvgl locate`` matches (rectified, north-up, tile scale).
+
+    Training on raw oblique photos would teach the model inputs it never sees at locate time;
+    :func:`cvgl.locate.prepare_query` (EXIF/XMP pitch, heading and altitude) is applied once and
+    its image saved, so training and localization see the same geometry.
+    """
+    import io
+
+    from PIL import Image
+
+    from cvgl.io import write_bytes_atomic
+    from cvgl.locate import LocateOptions, prepare_query
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for item in split.queries:
+        target = _prepared_path(folder, item.path)
+        if target.is_file():
+            continue
+        image = prepare_query(item.path, LocateOptions(), tile_m, gsd_m).hypotheses[0].image
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        write_bytes_atomic(target, buffer.getvalue())
+
+
+def prepared_split(split, folder: Path):
+    """``split`` with each query path replaced by its prepared image."""
+    from dataclasses import replace
+
+    split.queries = [replace(item, path=_prepared_path(folder, item.path)) for item in split.queries]
+    return split
+
+
+def _load(data: DataConfig, split: str):
+    from cvgl.data.datasets import load_cvact, load_cvusa, load_pairs_csv, load_university1652, load_vigor
+
+    root = Path(data.root)
+    if data.kind == "pairs-csv":
+        path = root if split == "train" else Path(data.test_root or data.root)
+        return load_pairs_csv(path, **data.options)
+    loaders = {"cvusa": load_cvusa, "cvact": load_cvact, "vigor": load_vigor, "university1652": load_university1652}
+    return loaders[data.kind](root, split=split, **data.options)
+
+
+def train_split(config: TrainConfig, out: Path, world: World | None = None):
+    if config.data.kind == "ortho-pairs":
+        return _ortho_split(config.data, Path(out), "train", world)
+    return _load(config.data, "train")
+
+
+def test_split(config: TrainConfig, out: Path):
+    if config.data.kind == "ortho-pairs":
+        return _ortho_split(config.data, Path(out), "test", None)
+    return _load(config.data, "test" if config.data.kind != "cvusa" else "val")

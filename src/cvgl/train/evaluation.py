@@ -1,0 +1,121 @@
+"""Evaluation during and after training, for any pair of encoders (query view, reference view).
+
+Two protocols:
+- ``split``: a dataset's test split (:class:`cvgl.data.datasets.CrossViewSplit`): R@1/5/10,
+  R@1%, mAP, VIGOR hit rate when semi-positives exist, and the top-1 geodesic error in metres
+  when both views carry coordinates.
+- ``longmont``: the ``longmont`` benchmark's drone protocol (east half of the Longmont scene =
+  test, WV2 photos against WV3 tiles; same photos, seeds and correctness radius as
+  ``cvgl bench longmont``), so trained and zero-shot encoders are compared on identical inputs.
+
+Both take :class:`cvgl.models.encoder.Encoder` objects, so the zero-shot row of an ablation and a
+trained row go through the same code.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cvgl.evaluate import hit_rate, recall_at_k_by_distance, summarize
+from cvgl.geo import geodesic_distance_m
+from cvgl.models.encoder import Encoder
+
+
+def _encode_paths(encoder: Encoder, paths: list[Path], batch_size: int) -> np.ndarray:
+    from cvgl.data.images import load_image
+
+    return encoder.encode((load_image(p) for p in paths), batch_size=batch_size)
+
+
+@torch.inference_mode()
+def evaluate_split(query_encoder: Encoder, reference_encoder: Encoder, split, batch_size: int = 32) -> dict[str, float]:
+    """Retrieval metrics of ``split.queries`` against ``split.references``."""
+    query = _encode_paths(query_encoder, [q.path for q in split.queries], batch_size)
+    reference = _encode_paths(reference_encoder, [r.path for r in split.references], batch_size)
+    scores = query @ reference.T
+    positives = np.zeros(scores.shape, dtype=bool)
+    for i, pos in enumerate(split.positives):
+        positives[i, pos] = True
+    errors = None
+    q_lat = np.array([np.nan if q.lat is None else q.lat for q in split.queries], dtype=float)
+    q_lon = np.array([np.nan if q.lon is None else q.lon for q in split.queries], dtype=float)
+    r_lat = np.array([np.nan if r.lat is None else r.lat for r in split.references], dtype=float)
+    r_lon = np.array([np.nan if r.lon is None else r.lon for r in split.references], dtype=float)
+    if np.isfinite(q_lat).all() and np.isfinite(r_lat).all():
+        top = scores.argmax(1)
+        errors = geodesic_distance_m(r_lat[top], r_lon[top], q_lat, q_lon)
+    metrics = summarize(scores, positives, errors_m=errors)
+    if any(split.semi_positives):
+        semi = np.zeros(scores.shape, dtype=bool)
+        for i, pos in enumerate(split.semi_positives):
+            semi[i, pos] = True
+        metrics["hit_rate"] = hit_rate(scores, positives, semi)
+    return metrics
+
+
+def longmont_families(names: list[str] | None = None):
+    """The ``longmont`` benchmark's query families (all six, or those named)."""
+    from cvgl.bench.longmont import families
+
+    every = families()
+    if not names:
+        return every
+    unknown = sorted(set(names) - {f.name for f in every})
+    if unknown:
+        raise ValueError(f"unknown longmont families {unknown}; choose from {[f.name for f in every]}")
+    return [f for f in every if f.name in names]
+
+
+class LongmontProtocol:
+    """East-half drone protocol of ``cvgl bench longmont``; photos are made once and reused."""
+
+    def __init__(self, per_family: int = 50, families: list[str] | None = None, seed: int = 0) -> None:
+        from cvgl.bench.longmont import SPEC, families as all_families
+        from cvgl.data.raster import iter_tiles, raster_info
+        from cvgl.data.samples import longmont_scene
+        from cvgl.data.synthetic import make_queries, write_query_photo
+        from cvgl.locate import LocateOptions, prepare_query
+
+        self.spec = SPEC
+        self.tiles = list(iter_tiles(longmont_scene("wv3"), SPEC))
+        self.lat = np.array([t.lat for t in self.tiles])
+        self.lon = np.array([t.lon for t in self.tiles])
+        left, _, right, _ = raster_info(longmont_scene("wv2")).bounds
+        mid = (left + right) / 2
+        wanted = {f.name for f in longmont_families(families)}
+        self.families: dict[str, dict] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            # Same seeds as cvgl.bench.longmont.protocol_b: k indexes the full family list.
+            for k, family in enumerate(all_families()):
+                if family.name not in wanted:
+                    continue
+                queries = make_queries(longmont_scene("wv2"), per_family, family, seed=seed * 100 + k, x_range=(mid, right))
+                prepared = [prepare_query(write_query_photo(q, Path(tmp)), LocateOptions(), SPEC.tile_m, SPEC.gsd_m) for q in queries]
+                self.families[family.name] = dict(
+                    images=[h.image for p in prepared for h in p.hypotheses],
+                    owner=np.concatenate([[i] * len(p.hypotheses) for i, p in enumerate(prepared)]),
+                    lat=np.array([q.center_lat for q in queries]),
+                    lon=np.array([q.center_lon for q in queries]),
+                )
+
+    @torch.inference_mode()
+    def evaluate(self, query_encoder: Encoder, reference_encoder: Encoder, batch_size: int = 32) -> dict[str, dict[str, float]]:
+        """Per family: R@1, R@5, R@10 (a top-k tile centre within the tile half-diagonal) and median metres."""
+        from cvgl.bench.common import top_k_per_query
+
+        reference = reference_encoder.encode([t.image for t in self.tiles], batch_size=batch_size)
+        radius = self.spec.tile_m / math.sqrt(2)
+        out: dict[str, dict[str, float]] = {}
+        for name, family in self.families.items():
+            query = query_encoder.encode(family["images"], batch_size=batch_size)
+            top = top_k_per_query(query, reference, family["owner"], len(family["lat"]))
+            recall = recall_at_k_by_distance(self.lat[top], self.lon[top], family["lat"], family["lon"], radius)
+            err = geodesic_distance_m(self.lat[top[:, 0]], self.lon[top[:, 0]], family["lat"], family["lon"])
+            out[name] = {"R@1": recall[1], "R@5": recall[5], "R@10": recall[10], "median_error_m": float(np.median(err))}
+        out["mean"] = {key: float(np.mean([f[key] for f in out.values()])) for key in ("R@1", "R@5", "R@10", "median_error_m")}
+        return out

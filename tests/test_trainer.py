@@ -1,0 +1,150 @@
+"""The training loop on a tiny random ViT: runs, logs, exports, resumes exactly, trains only what it should."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cvgl.train.config import config_from_dict
+from cvgl.train.trainer import Trainer
+
+from conftest import textured_rgb
+
+
+def write_pairs(folder: Path, n: int = 24, seed: int = 0) -> Path:
+    """``n`` pairs: a reference crop and a darker, noisier copy of it as the query; grid positions."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    scene = textured_rgb(400, 400, seed=seed).transpose(1, 2, 0)
+    rows = ["query,reference,lat,lon"]
+    for i in range(n):
+        y, x = rng.integers(0, 400 - 64, size=2)
+        ref = scene[y : y + 64, x : x + 64]
+        query = np.clip(ref * 0.8 + rng.normal(0, 12, ref.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(ref).save(folder / f"r{i}.png")
+        Image.fromarray(query).save(folder / f"q{i}.png")
+        rows.append(f"q{i}.png,r{i}.png,{40.1 + (i % 6) * 1e-3:.6f},{-105.1 + (i // 6) * 1e-3:.6f}")
+    (folder / "pairs.csv").write_text("\n".join(rows) + "\n")
+    return folder / "pairs.csv"
+
+
+def tiny_config(csv: Path, out: Path, **changes) -> dict:
+    config = {
+        "name": "tiny",
+        "seed": 0,
+        "out_dir": str(out),
+        "threads": 1,
+        "log_every_steps": 1,
+        "tensorboard": False,
+        "model": {
+            "weights": "random:dinov2_tiny_test", "finetune": "last_n", "last_n": 1, "head": "salad",
+            "num_clusters": 4, "cluster_dim": 8, "token_dim": 8, "out_dim": 16, "dropout": 0.0,
+            "query_size": [56, 56], "reference_size": [56, 56],
+        },
+        "data": {"kind": "pairs-csv", "root": str(csv), "augment": True},
+        "optim": {"epochs": 2, "batch_size": 4, "learning_rate": 1e-3, "warmup_epochs": 0.5},
+        "sampling": {"gps_neighbours": 2, "dss_start_epoch": 1, "dss_every": 1, "dss_k": 4, "dss_K": 8},
+        "eval": {"every_epochs": 1, "protocol": "split"},
+    }
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        config[section][key] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def pairs_csv(tmp_path_factory) -> Path:
+    return write_pairs(tmp_path_factory.mktemp("pairs"))
+
+
+def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_fit_logs_evaluates_and_exports(pairs_csv, tmp_path):
+    trainer = Trainer(config_from_dict(tiny_config(pairs_csv, tmp_path / "run")))
+    result = trainer.fit()
+    out = tmp_path / "run"
+    assert {"config.yaml", "checkpoint.pt", "model.safetensors", "log.jsonl"} <= {p.name for p in out.iterdir()}
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "loss" in r]
+    assert len(steps) == trainer.state.step == 2 * trainer.steps_per_epoch
+    assert all(np.isfinite(r["loss"]) for r in steps)
+    evals = [r for r in lines if r.get("event") == "eval"]
+    assert [e["epoch"] for e in evals] == [1, 2]
+    metrics = result["metrics"]
+    assert {"R@1", "R@5", "R@10", "R@1%", "mAP", "median_error_m"} <= set(metrics)
+    assert 0.0 <= metrics["R@1"] <= 1.0
+
+
+def test_resume_mid_epoch_is_exact(pairs_csv, tmp_path):
+    """Stop in the middle of epoch 2 (after a DSS refresh), resume in a new Trainer: same weights."""
+    config = config_from_dict(tiny_config(pairs_csv, tmp_path / "straight"))
+    straight = Trainer(config)
+    straight.fit()
+
+    config_b = config_from_dict(tiny_config(pairs_csv, tmp_path / "stopped"))
+    first = Trainer(config_b)
+    stop_at = first.steps_per_epoch + 2
+    assert first.fit(stop_after_steps=stop_at) == {}
+    assert first.state.step == stop_at
+    resumed = Trainer(config_b)
+    resumed.fit()
+    assert resumed.state.step == straight.state.step
+    a, b = _state(straight), _state(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert torch.equal(straight.loss_fn.logit_scale, resumed.loss_fn.logit_scale)
+    steps_a = [r["loss"] for r in map(json.loads, (tmp_path / "straight" / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    steps_b = [r["loss"] for r in map(json.loads, (tmp_path / "stopped" / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps_a == steps_b
+
+
+@pytest.mark.parametrize("mode, n, trained_blocks", [("frozen", 0, set()), ("last_n", 1, {1}), ("full", 0, {0, 1})])
+def test_only_trainable_blocks_change(pairs_csv, tmp_path, mode, n, trained_blocks):
+    config = config_from_dict(tiny_config(pairs_csv, tmp_path / mode, model__finetune=mode, model__last_n=max(n, 1)))
+    trainer = Trainer(config)
+    before = _state(trainer)
+    trainer.fit(stop_after_steps=2)
+    after = _state(trainer)
+    changed_blocks = {int(k.split(".")[2]) for k in before if k.startswith("backbone.blocks.") and not torch.equal(before[k], after[k])}
+    assert changed_blocks == trained_blocks
+    assert torch.equal(before["backbone.patch_embed.proj.weight"], after["backbone.patch_embed.proj.weight"]) == (mode != "full")
+    head_changed = any(not torch.equal(before[k], after[k]) for k in before if k.startswith("heads."))
+    assert head_changed
+
+
+def test_loss_falls_when_overfitting_a_fixed_set(pairs_csv, tmp_path):
+    config = config_from_dict(
+        tiny_config(pairs_csv, tmp_path / "fit", optim__epochs=6, optim__learning_rate=3e-3, data__augment=False, eval__every_epochs=6)
+    )
+    trainer = Trainer(config)
+    trainer.fit()
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "fit" / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    per_epoch = np.array(losses).reshape(6, -1).mean(1)
+    assert per_epoch[-1] < per_epoch[0] * 0.9
+
+
+def test_export_plugs_into_create_encoder(pairs_csv, tmp_path):
+    from cvgl.models.encoder import create_encoder
+
+    trainer = Trainer(config_from_dict(tiny_config(pairs_csv, tmp_path / "run", optim__epochs=1)))
+    trainer.fit()
+    export = tmp_path / "run" / "model.safetensors"
+    reference = create_encoder("gem-l8-raw", str(export), view="reference")
+    query = create_encoder("cls", str(export), view="query")
+    assert reference.identity == query.identity
+    assert reference.identity["preset"] == "tiny" and "trained" in reference.identity["head"]
+    image = np.asarray(Image.open(pairs_csv.parent / "r0.png").convert("RGB"))
+    desc = reference.encode([image])
+    assert desc.shape == (1, 16)
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = trainer.model.encode(reference.to_tensor(image)[None], "reference").numpy()
+    np.testing.assert_allclose(desc, expected, atol=1e-5)
