@@ -13,9 +13,11 @@ from cvgl.io import write_text_atomic
 # Shortest and most timing-sensitive first; every section is kept as soon as it finishes.
 BENCHMARKS = {
     "throughput": "cvgl.bench.throughput",
+    "scale": "cvgl.bench.scale",
     "real-pairs": "cvgl.bench.real_pairs",
     "longmont": "cvgl.bench.longmont",
     "service": "cvgl.bench.service",
+    "ray-index": "cvgl.bench.ray_index",
 }
 SECTIONS = Path("bench_out")
 
@@ -41,7 +43,7 @@ def run_all(names: list[str], out: Path | None, quick: bool = False, assemble: b
             kept = SECTIONS / f"{name}.md"
             sections.append(kept.read_text() if kept.is_file() else "")
             continue
-        argv = ["--quick"] if quick and name in ("throughput", "service") else []
+        argv = ["--quick"] if quick and name in ("throughput", "service", "scale", "ray-index") else []
         if quick and name == "longmont":
             argv = ["--per-family", "10", "--fit-per-family", "6", "--grid-queries", "20", "--no-resolution"]
         print(f"== benchmark {name} ==", flush=True)

@@ -1,5 +1,5 @@
-"""Throughput benchmark: encoder images/s against this machine's FLOP-bound limit, ``cvgl index``
-end to end, and search latency / recall of exact and approximate faiss indexes.
+"""Throughput benchmark: encoder images/s against this machine's FLOP-bound limit and ``cvgl index``
+end to end. Search latency, memory and recall per index type are :mod:`cvgl.bench.scale`.
 
     python -m cvgl.bench.throughput [--out FILE] [--quick]
 
@@ -29,17 +29,11 @@ on the real module; torch does not register a formula for the CPU fused attentio
 ``(16 * 257) x 384 @ 384 x 1536``) / GFLOP per image: the images/s the encoder would reach if every
 FLOP ran at the speed of its largest GEMM. Real encoders land below it (attention, norms, GELU,
 memory traffic, small-batch GEMMs).
-
-**Search data**: uniformly random vectors make approximate indexes look broken (no neighbourhood
-structure), so descriptors are drawn from an anisotropic Gaussian mixture (see
-:func:`make_mixture`), L2-normalised, and queries are noisy copies of random database items, so
-each query has a known true match besides its exact top-10.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import os
 import platform
@@ -49,7 +43,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -214,247 +208,6 @@ def deepest_block(encoder) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Structured descriptors for search benchmarks
-# ----------------------------------------------------------------------------------------------
-
-
-QUERY_NOISE = 0.5  # query noise, in units of its cluster's per-axis std
-
-
-@dataclass
-class Mixture:
-    """An anisotropic Gaussian mixture in ``dim`` dimensions (see :func:`make_mixture`)."""
-
-    centres: np.ndarray  # [K, D], unit norm
-    scales: np.ndarray  # [K, D] per-cluster std along the rotated axes
-    rotation: np.ndarray  # [D, D] orthogonal
-    weights: np.ndarray  # [K] cluster probabilities
-    description: str = field(default="")
-
-
-def make_mixture(dim: int = 384, clusters: int = 1000, seed: int = 0, decay: float = 0.6,
-                 spread: tuple[float, float] = (0.45, 0.9)) -> Mixture:
-    """A mixture shaped like image descriptors rather than like uniform noise.
-
-    * one random orthogonal basis ``R``; along its axes variance decays as ``(j + 1) ** -2*decay``
-      (a few directions carry most of the variance, as in real descriptors' PCA spectra);
-    * cluster centres ``c_k`` are drawn with that spectrum, then L2-normalised;
-    * each cluster has its own per-axis std: the global spectrum times a log-normal factor
-      (sigma 0.5) per axis, rescaled to a total spread (norm of the deviation) drawn uniformly
-      from ``spread``: anisotropic, and tight or loose clusters alike;
-    * cluster sizes are unequal: probabilities proportional to log-normal(0, 1) weights.
-    """
-    rng = np.random.default_rng(seed)
-    gauss = rng.standard_normal((dim, dim))
-    q, r = np.linalg.qr(gauss)
-    rotation = (q * np.sign(np.diag(r))).astype(np.float32)
-    spectrum = (np.arange(dim) + 1.0) ** -decay
-    centres = (rng.standard_normal((clusters, dim)) * spectrum) @ rotation
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    scales = spectrum * np.exp(0.5 * rng.standard_normal((clusters, dim)))
-    scales *= (rng.uniform(*spread, size=clusters) / np.linalg.norm(scales, axis=1))[:, None]
-    weights = np.exp(rng.standard_normal(clusters))
-    weights /= weights.sum()
-    description = (
-        f"{clusters}-cluster anisotropic Gaussian mixture in {dim}-d: random orthogonal basis, "
-        f"per-axis variance ~ (j+1)^-{2 * decay:g} times log-normal(0, 0.5) per cluster and axis, "
-        f"cluster spread (deviation norm) U{spread}, unit-norm centres, log-normal(0, 1) cluster "
-        "sizes; every vector L2-normalised"
-    )
-    return Mixture(centres.astype(np.float32), scales.astype(np.float32), rotation, weights, description)
-
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x
-
-
-def sample_mixture(mixture: Mixture, n: int, seed: int = 1, chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` unit-norm float32 vectors and their cluster labels, generated ``chunk`` rows at a time
-    (peak extra memory ~ 3 chunk x dim floats beyond the output)."""
-    rng = np.random.default_rng(seed)
-    dim = mixture.centres.shape[1]
-    labels = rng.choice(len(mixture.weights), size=n, p=mixture.weights).astype(np.int32)
-    out = np.empty((n, dim), dtype=np.float32)
-    for start in range(0, n, chunk):
-        lab = labels[start : start + chunk]
-        z = rng.standard_normal((len(lab), dim), dtype=np.float32)
-        z *= mixture.scales[lab]
-        block = z @ mixture.rotation
-        block += mixture.centres[lab]
-        out[start : start + len(lab)] = _normalise(block)
-    return out, labels
-
-
-def make_queries(database: np.ndarray, labels: np.ndarray, mixture: Mixture, count: int, noise: float = QUERY_NOISE,
-                 seed: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Queries = noisy copies of ``count`` random database rows -> (unit queries, true row ids).
-
-    The noise follows the item's own cluster shape (``noise`` x its per-axis std, rotated): a
-    query moves along the directions its neighbours differ in, which is what makes it hard.
-    """
-    rng = np.random.default_rng(seed)
-    truth = rng.choice(len(database), size=count, replace=False)
-    lab = labels[truth]
-    z = rng.standard_normal((count, database.shape[1]), dtype=np.float32) * mixture.scales[lab]
-    queries = database[truth] + noise * (z @ mixture.rotation)
-    return np.ascontiguousarray(_normalise(queries.astype(np.float32))), truth.astype(np.int64)
-
-
-def structured_dataset(n: int, queries: int = 1000, dim: int = 384, clusters: int = 1000, noise: float = QUERY_NOISE,
-                       seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, Mixture]:
-    """(database, queries, true ids, mixture): everything :func:`search_benchmark` needs."""
-    mixture = make_mixture(dim, clusters, seed)
-    database, labels = sample_mixture(mixture, n, seed + 1)
-    q, truth = make_queries(database, labels, mixture, queries, noise, seed + 2)
-    return database, q, truth, mixture
-
-
-# ----------------------------------------------------------------------------------------------
-# Search: latency, memory, recall
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class IndexSpec:
-    """``kind`` = flat | hnsw | ivfpq; ``build`` = construction params; ``sweep`` = search params."""
-
-    kind: str
-    build: dict = field(default_factory=dict)
-    sweep: tuple[dict, ...] = ({},)
-
-
-def default_specs(n: int, dim: int = 384) -> list[IndexSpec]:
-    nlist = max(1, int(round(4 * math.sqrt(n))))
-    m = 48 if dim % 48 == 0 else 64 if dim % 64 == 0 else 8
-    return [
-        IndexSpec("flat"),
-        IndexSpec("hnsw", {"M": 32, "efConstruction": 40}, tuple({"efSearch": ef} for ef in (32, 64, 128))),
-        IndexSpec("ivfpq", {"nlist": nlist, "m": m, "nbits": 8}, tuple({"nprobe": p} for p in (16, 32, 64))),
-    ]
-
-
-def index_bytes(index) -> int:
-    """Exact serialised size of a faiss index, counted through a callback (no copy in memory)."""
-    import faiss
-
-    total = [0]
-
-    def count(chunk: bytes) -> None:
-        total[0] += len(chunk)
-
-    faiss.write_index(index, faiss.PyCallbackIOWriter(count))
-    return total[0]
-
-
-def build_faiss(spec: IndexSpec, database: np.ndarray, seed: int = 0):
-    """Build (and train) the index of ``spec`` over ``database`` -> (index, description)."""
-    import faiss
-
-    dim = database.shape[1]
-    if spec.kind == "flat":
-        index = faiss.IndexFlatIP(dim)
-        desc = "IndexFlatIP (exact)"
-    elif spec.kind == "hnsw":
-        m = spec.build.get("M", 32)
-        index = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = spec.build.get("efConstruction", 40)
-        desc = f"IndexHNSWFlat(M={m}, efConstruction={index.hnsw.efConstruction}, IP)"
-    elif spec.kind == "ivfpq":
-        nlist, m, nbits = spec.build["nlist"], spec.build["m"], spec.build.get("nbits", 8)
-        quantizer = faiss.IndexFlatL2(dim)
-        index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, nbits)
-        rng = np.random.default_rng(seed)
-        train_n = min(len(database), spec.build.get("train_per_list", 40) * nlist)
-        rows = np.sort(rng.choice(len(database), size=train_n, replace=False))
-        index.train(np.ascontiguousarray(database[rows]))
-        desc = f"IndexIVFPQ(nlist={nlist}, m={m}x{nbits} bit, L2 on unit vectors, trained on {train_n:,})"
-    else:
-        raise ValueError(f"unknown index kind '{spec.kind}' (flat | hnsw | ivfpq)")
-    index.add(database)
-    return index, desc
-
-
-def _set_params(index, kind: str, params: dict) -> str:
-    if kind == "hnsw" and "efSearch" in params:
-        index.hnsw.efSearch = params["efSearch"]
-    if kind == "ivfpq" and "nprobe" in params:
-        index.nprobe = params["nprobe"]
-    return ", ".join(f"{k}={v}" for k, v in params.items()) or "-"
-
-
-@dataclass
-class SearchResult:
-    n: int
-    kind: str
-    description: str
-    params: str
-    build_s: float
-    bytes: int
-    latency_b1_ms: float
-    latency_b100_ms: float
-    recall_vs_exact: float
-    match_at_10: float
-    match_at_1: float
-
-
-def search_benchmark(
-    database: np.ndarray,
-    queries: np.ndarray,
-    truth: np.ndarray,
-    specs: Sequence[IndexSpec] | None = None,
-    k: int = 10,
-    batch: int = 100,
-    min_runs: int = 5,
-    budget_s: float = 2.0,
-    log: Callable[[str], None] | None = None,
-) -> list[SearchResult]:
-    """Build each index, then per search setting: latency at batch 1 and ``batch``, recall@k vs the
-    exact top-k (``IndexFlatIP``), and how often the known match ``truth`` is in the top k / top 1."""
-    import faiss
-
-    log = log or (lambda _msg: None)
-    database = np.ascontiguousarray(database, dtype=np.float32)
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    n = len(database)
-    specs = list(specs) if specs is not None else default_specs(n, database.shape[1])
-    exact = faiss.IndexFlatIP(database.shape[1])
-    exact.add(database)
-    _, exact_ids = exact.search(queries, k)
-    del exact
-    gc.collect()
-    results: list[SearchResult] = []
-    for spec in specs:
-        log(f"  {spec.kind}: building over {n:,} vectors")
-        t0 = time.perf_counter()
-        index, desc = build_faiss(spec, database)
-        build_s = time.perf_counter() - t0
-        size = index_bytes(index)
-        for params in spec.sweep:
-            label = _set_params(index, spec.kind, params)
-            _, ids = index.search(queries, k)
-            recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ids, exact_ids)]))
-            match10 = float(np.mean([t in row for t, row in zip(truth, ids)]))
-            match1 = float(np.mean(ids[:, 0] == truth))
-            cursor = [0]
-
-            def single() -> None:
-                i = cursor[0] % len(queries)
-                cursor[0] += 1
-                index.search(queries[i : i + 1], k)
-
-            b1, _ = median_seconds(single, min_runs=max(min_runs, 20), max_runs=200, budget_s=budget_s, warmup=3)
-            chunk = queries[:batch]
-            bb, _ = median_seconds(lambda: index.search(chunk, k), min_runs=min_runs, max_runs=50, budget_s=budget_s)
-            results.append(SearchResult(n, spec.kind, desc, label, build_s, size, b1 * 1e3, bb * 1e3,
-                                        recall, match10, match1))
-            log(f"    {label}: recall {recall:.3f}, b1 {b1 * 1e3:.2f} ms")
-        index = None  # free it before building the next one (the search closures are done)
-        gc.collect()
-    return results
-
-
-# ----------------------------------------------------------------------------------------------
 # End-to-end indexing of the Longmont raster
 # ----------------------------------------------------------------------------------------------
 
@@ -588,17 +341,15 @@ class Config:
     batches: tuple[int, ...] = (1, 16)
     presets: tuple[str, ...] = ("gem-l8", "gem")
     min_runs: int = 5
-    search_sizes: tuple[int, ...] = (100_000, 1_000_000)
-    search_queries: int = 1000
     weights: str = "embedded"
-    sections: tuple[str, ...] = ("encoder", "index", "search")
+    sections: tuple[str, ...] = ("encoder", "index")
 
 
 def run(config: Config, argv: Sequence[str], log: Callable[[str], None]) -> str:
     from cvgl.models.encoder import DEFAULT_PRESET, create_encoder
 
     started = time.perf_counter()
-    title = "## Benchmark `throughput` (encoder vs FLOP-bound limit, `cvgl index`, search)"
+    title = "## Benchmark `throughput` (encoder vs FLOP-bound limit, `cvgl index`)"
     lines = [title, ""] + machine_header(argv) + [""]
 
     monitor = CpuMonitor()
@@ -752,44 +503,6 @@ def run(config: Config, argv: Sequence[str], log: Callable[[str], None]) -> str:
             "",
         ]
 
-    # -- 4: search ---------------------------------------------------------------------------------
-    if "search" in config.sections:
-        mixture_desc = ""
-        search_rows = []
-        monitor.restart()
-        for n in config.search_sizes:
-            log(f"search: {n:,} descriptors")
-            t0 = time.perf_counter()
-            database, queries, truth, mixture = structured_dataset(n, config.search_queries)
-            gen_s = time.perf_counter() - t0
-            mixture_desc = mixture.description
-            log(f"  generated in {gen_s:.1f} s")
-            for r in search_benchmark(database, queries, truth, min_runs=config.min_runs, log=log):
-                search_rows.append([
-                    f"{r.n:,}", r.description, r.params, f"{r.build_s:.1f}", _mb(r.bytes), f"{r.bytes / r.n:.0f}",
-                    f"{r.latency_b1_ms:.3f}", f"{r.latency_b100_ms:.2f}", f"{r.latency_b100_ms * 10:.0f}",
-                    f"{r.recall_vs_exact:.3f}", f"{r.match_at_10:.3f}", f"{r.match_at_1:.3f}",
-                ])
-            del database, queries, truth
-            gc.collect()
-        lines += [
-            "### 4. Search latency and recall@10 (dim 384, float32, k = 10)",
-            "",
-            f"Data: {mixture_desc}. Queries: {config.search_queries} random database items plus noise shaped "
-            f"like their own cluster ({QUERY_NOISE:g} x the cluster's per-axis std, rotated), re-normalised; the item "
-            "is the query's known match. Recall@10 vs exact = |top-10 ∩ exact top-10| / 10 over all queries; "
-            "'match' = known item in the top-10 / at rank 1. Latency: median wall time of single-query calls "
-            "(batch 1) and of one call with 100 queries; faiss default OpenMP threads. Memory = serialised "
-            "index size. Shipped today: IndexFlatIP; HNSW and IVF-PQ are a preview for scale-out.",
-            "",
-        ]
-        lines += _table(
-            ["N", "index", "search params", "build s", "index MB", "bytes/vector", "latency b1 ms",
-             "latency b100 ms/batch", "µs/query at b100", "recall@10 vs exact", "match in top-10",
-             "match at 1"],
-            search_rows,
-        )
-        lines += ["", f"While section 4 ran, {monitor.others()}.", ""]
     lines += [f"Total run time: {time.perf_counter() - started:.0f} s.", ""]
     return "\n".join(lines)
 
@@ -797,9 +510,8 @@ def run(config: Config, argv: Sequence[str], log: Callable[[str], None]) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m cvgl.bench.throughput", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here (atomically)")
-    parser.add_argument("--quick", action="store_true", help="smoke test: 224 px only, >= 3 runs, 1e4/1e5 vectors")
-    parser.add_argument("--sizes", default=None, help="comma-separated database sizes for the search section")
-    parser.add_argument("--sections", default="encoder,index,search", help="subset of encoder,index,search")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 224 px only, >= 3 runs")
+    parser.add_argument("--sections", default="encoder,index", help="subset of encoder,index")
     parser.add_argument("--weights", default="embedded", help="encoder weights (embedded | PATH | random:<arch>)")
     return parser.parse_args(argv)
 
@@ -809,12 +521,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     config = Config(weights=args.weights, sections=tuple(s.strip() for s in args.sections.split(",") if s.strip()))
     if args.quick:
-        config.sizes, config.min_runs, config.search_sizes = (224,), 3, (10_000, 100_000)
-    if args.sizes:
-        config.search_sizes = tuple(int(float(s)) for s in args.sizes.split(","))
-    unknown = set(config.sections) - {"encoder", "index", "search"}
+        config.sizes, config.min_runs = (224,), 3
+    unknown = set(config.sections) - {"encoder", "index"}
     if unknown:
-        raise SystemExit(f"unknown section(s) {sorted(unknown)}; choose from encoder,index,search")
+        raise SystemExit(f"unknown section(s) {sorted(unknown)}; choose from encoder,index")
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
