@@ -70,7 +70,7 @@ def test_grown_descriptors_resemble_the_real_ones_and_queries_have_a_known_match
     unit = real / np.linalg.norm(real, axis=1, keepdims=True)
     # the same typical similarity as the real set (shared component kept), not uniform noise
     assert abs(np.median(database[:500] @ database[:500].T) - np.median(unit @ unit.T)) < 0.1
-    top, rank = exact_reference(database, queries, truth)
+    _, rank = exact_reference(database, queries, truth)
     assert np.mean(rank == 1) > 0.5 and np.mean(rank <= 10) > 0.8
     # same seed, same data
     again = grow_descriptors(real, 5000, 100, Growth(place_size=20), seed=1, chunk=1024)

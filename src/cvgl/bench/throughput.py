@@ -316,10 +316,10 @@ def machine_header(argv: Sequence[str]) -> list[str]:
         usable = os.cpu_count()
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return [
-        f"Machine: {platform.platform()} | CPU: {cpu_model()} | cores: {os.cpu_count()} logical, "
+        (f"Machine: {platform.platform()} | CPU: {cpu_model()} | cores: {os.cpu_count()} logical, "
         f"{usable} usable | torch {torch.__version__} ({torch.get_num_threads()} threads) | "
         f"faiss {faiss.__version__} ({faiss.omp_get_max_threads()} OpenMP threads) | numpy {np.__version__} | "
-        f"Python {platform.python_version()} | load average at start: {load}",
+        f"Python {platform.python_version()} | load average at start: {load}"),
         "",
         "Command: `python -m cvgl.bench.throughput" + ("" if not argv else " " + shlex.join(argv)) + "`",
     ]
@@ -426,10 +426,10 @@ def run(config: Config, argv: Sequence[str], log: Callable[[str], None]) -> str:
             "",
             "### 2. FLOP-bound limit",
             "",
-            f"Limit = dense GEMM rate {rate:.1f} GFLOP/s (float32 `torch.matmul` "
+            (f"Limit = dense GEMM rate {rate:.1f} GFLOP/s (float32 `torch.matmul` "
             f"{big}x{width} @ {width}x{hidden}, the MLP fc1 of batch 16 at 224 px) / analytic GFLOP per image. "
             "The last column of section 1 uses instead the rate of the fc1 GEMM at that batch and input size "
-            "(batch x N rows), i.e. how far the encoder is from its own biggest GEMM.",
+            "(batch x N rows), i.e. how far the encoder is from its own biggest GEMM."),
             "",
             "GEMM rates measured in this run (median):",
             "",
@@ -462,9 +462,9 @@ def run(config: Config, argv: Sequence[str], log: Callable[[str], None]) -> str:
         )
         lines += [
             "",
-            "Per block: qkv 2·3NC² + attention 2·2N²C + proj 2NC² + MLP 2·2NC·4C = 2(12NC² + 2N²C); patch "
+            ("Per block: qkv 2·3NC² + attention 2·2N²C + proj 2NC² + MLP 2·2NC·4C = 2(12NC² + 2N²C); patch "
             "embedding 2·P·C·3·14²; LayerNorm/GELU/softmax/bias not counted. FlopCounterMode has no formula "
-            "for the CPU fused attention op in this torch, so it is mapped to torch's own SDPA formula.",
+            "for the CPU fused attention op in this torch, so it is mapped to torch's own SDPA formula."),
             "",
         ]
 
@@ -498,8 +498,8 @@ def run(config: Config, argv: Sequence[str], log: Callable[[str], None]) -> str:
         lines += _table(["stage", "tiles", "seconds", "tiles/s", "vs pure encoder (batch 16, 224 px)"], rows)
         lines += [
             "",
-            f"Model load in-process (`create_encoder`, weights already converted and cached): {res.load_s:.2f} s. "
-            f"While section 3 ran, {monitor.others()}.",
+            (f"Model load in-process (`create_encoder`, weights already converted and cached): {res.load_s:.2f} s. "
+            f"While section 3 ran, {monitor.others()}."),
             "",
         ]
 
