@@ -63,6 +63,7 @@ class OptimConfig:
     epochs: int = 80
     batch_size: int = 32  # per process; the global batch is batch_size x world size
     learning_rate: float = 1e-4
+    head_lr_scale: float = 1.0  # head (and temperature) lr = learning_rate x this; 1 = the paper
     weight_decay: float = 0.01
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.0

@@ -126,8 +126,13 @@ class Trainer:
                 f"{config.data.kind}: {len(self.dataset)} training pairs make no batch of {config.optim.batch_size}; "
                 "lower optim.batch_size or add pairs"
             )
-        params = [p for p in self.model.parameters() if p.requires_grad] + list(self.loss_fn.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=config.optim.learning_rate, weight_decay=config.optim.weight_decay)
+        lr = config.optim.learning_rate
+        backbone = [p for p in self.model.backbone.parameters() if p.requires_grad]
+        head = list(self.model.heads.parameters()) + list(self.loss_fn.parameters())
+        groups = [{"params": head, "lr": lr * config.optim.head_lr_scale}]
+        if backbone:
+            groups.insert(0, {"params": backbone, "lr": lr})
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=config.optim.weight_decay)
         self.steps_per_epoch = len(self.sampler)
         total = self.steps_per_epoch * config.optim.epochs
         warmup = int(round(config.optim.warmup_epochs * self.steps_per_epoch))
@@ -140,8 +145,40 @@ class Trainer:
             else None
         )
         self.state = TrainState()
-        self._evaluator = None
         self._tb = None
+        self._init_netvlad()
+        # Build the evaluation protocol now: its photos are made once, and every module it needs
+        # is imported before training starts (not half-way through a long run).
+        self._evaluator = None
+        if config.eval.protocol == "longmont" and self.world.is_main:
+            from cvgl.train.evaluation import LongmontProtocol
+
+            self._evaluator = LongmontProtocol(config.eval.per_family, config.eval.families, seed=0)
+
+    @torch.no_grad()
+    def _init_netvlad(self, images: int = 64) -> None:
+        """NetVLAD starts from k-means centroids of training patch tokens (as in NetVLAD);
+        SALAD and CLS heads need no data to start."""
+        from cvgl.data.datasets.common import load_resized
+        from cvgl.models.netvlad import NetVLAD
+
+        heads = [h for h in (self.model.heads.query, self.model.heads.reference) if isinstance(h, NetVLAD)]
+        if not heads:
+            return
+        pairs = self.split.pairs()
+        pick = np.random.default_rng(self.config.seed).permutation(len(pairs))[:images]
+        sizes = (self.config.model.query_size, self.config.model.reference_size)
+        batch = torch.stack(
+            [load_resized(self.split.queries[pairs[i][0]].path, sizes[0]) for i in pick[: images // 2]]
+            + [load_resized(self.split.references[pairs[i][1]].path, sizes[1]) for i in pick[images // 2 :]]
+        ) if sizes[0] == sizes[1] else torch.stack([load_resized(self.split.references[pairs[i][1]].path, sizes[1]) for i in pick])
+        was = self.model.training
+        self.model.eval()
+        patches = self.model.tokens(batch).patches  # [B, C, h, w]
+        self.model.train(was)
+        features = patches.permute(0, 2, 3, 1).reshape(-1, patches.shape[1])
+        for head in heads:
+            head.init_from_features(features, seed=self.config.seed)
 
     def _augment_kind(self) -> str:
         return "panorama" if self.split.query_view == "street" else "aerial"
@@ -347,15 +384,13 @@ class Trainer:
         """Run the configured protocol on the main process; others wait. Logged and kept in history."""
         result: dict = {}
         if self.world.is_main:
-            from cvgl.train.evaluation import LongmontProtocol, evaluate_split
+            from cvgl.train.evaluation import evaluate_split
 
             was_training = self.model.training
             self.model.eval()
             started = time.time()
             query, reference = self.encoders()
-            if self.config.eval.protocol == "longmont":
-                if self._evaluator is None:
-                    self._evaluator = LongmontProtocol(self.config.eval.per_family, self.config.eval.families, seed=0)
+            if self._evaluator is not None:
                 metrics = self._evaluator.evaluate(query, reference)
             else:
                 from cvgl.train.data import test_split
