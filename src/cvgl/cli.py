@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bands", type=_bands, default=None, help="1-based bands, e.g. 5,3,2")
     p.add_argument("--alignment", default=DEFAULT_KIND, choices=["none", "center", "pca-whiten"])
     p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--shard-size", type=_positive_int, default=128, help="tiles per shard (the unit of resume and of Ray work)")
+    p.add_argument("--ray", default=None, metavar="auto|ADDRESS", help="embed on Ray: auto = local instance, or a cluster address")
+    p.add_argument("--workers", type=_positive_int, default=2, help="model-holding Ray actors (with --ray)")
+    p.add_argument("--index-type", default="auto", choices=["auto", "flat", "sq8", "ivfpq", "qdrant"],
+                   help="vector index; auto picks by size")
     encoder_args(p, DEFAULT_PRESET)
 
     p = sub.add_parser("locate", help="locate photos against an index")
@@ -147,10 +152,25 @@ def _threads(args: argparse.Namespace) -> None:
 def cmd_index(args: argparse.Namespace) -> int:
     from cvgl.data.raster import TilingSpec
     from cvgl.index.build import build_index
+    from cvgl.index.ray_embed import (
+        EncoderRecipe,
+        RayOptions,
+        check_reachable,
+        import_ray,
+    )
 
     spec = TilingSpec(tile_m=args.tile_m, stride_m=args.stride_m, gsd_m=args.gsd, bands=args.bands)
-    encoder = _encoder(args, args.encoder)
-    out = build_index(args.source, args.out, encoder, spec, args.alignment, args.csv, args.batch_size)
+    if args.ray:  # "install cvgl[ray]" or "unreachable" before loading any model
+        import_ray()
+        if args.ray != "auto":
+            check_reachable(args.ray)
+    recipe = EncoderRecipe.capture(args.encoder, args.weights, args.input_size)  # Ray actors rebuild the same
+    encoder = recipe.build()
+    ray = RayOptions(recipe, args.ray, args.workers) if args.ray else None
+    out = build_index(
+        args.source, args.out, encoder, spec, args.alignment, args.csv, args.batch_size, shard_size=args.shard_size, ray=ray,
+        index_type=args.index_type,
+    )
     print(f"indexed {args.source} -> {out}")
     return 0
 

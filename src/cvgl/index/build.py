@@ -48,13 +48,14 @@ def build_index(
     *,
     shard_size: int = DEFAULT_SHARD_SIZE,
     ray: RayOptions | None = None,
+    index_type: str = "auto",
     log: Log = _stderr,
 ) -> Path:
     """Encode ``source`` and write an index folder at ``out`` (atomically).
 
     ``encoder`` embeds in process; with ``ray`` it only gives the identity the Ray actors must
     reproduce (they build their own from ``ray.recipe``). Shards live in ``OUT.shards`` until the
-    index is written. Only reference-side alignments can be fitted here (no queries exist yet);
+    index is written. ``index_type`` picks the vector index (see :func:`cvgl.index.store.write_index`). Only reference-side alignments can be fitted here (no queries exist yet);
     query-view statistics are fitted at locate time on the batch of photos.
     """
     out = Path(out)
@@ -93,6 +94,6 @@ def build_index(
             "tile_m": spec.tile_m,
         }
         overview = raster_overview(source, max_side=1024, bands=spec.bands, stretch=spec.stretch)
-    written = write_index(out, raw, tiles, encoder.identity, fitted, extra=extra, overview=overview)
+    written = write_index(out, raw, tiles, encoder.identity, fitted, extra=extra, overview=overview, index_type=index_type)
     remove_shard_folder(folder)
     return written

@@ -138,11 +138,11 @@ def ray_session(address: str = "auto", workers: int = 2) -> Iterator[float]:
     caller is used as is and left running.
     """
     ray = import_ray()
+    if address != "auto":
+        check_reachable(address)
     if ray.is_initialized():
         yield 0.0
         return
-    if address != "auto":
-        check_reachable(address)
     started = time.perf_counter()
     kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
     try:
@@ -221,6 +221,7 @@ def embed_with_ray(
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+    context.raise_original_map_exception = True  # a worker's CvglError reaches us as itself
     cpus = ray.cluster_resources().get("CPU", 0.0)
     per_actor = actor_cpus(cpus, options.workers)
     items = [{"shard": shard, "rows": pickle.dumps(plan.rows(shard))} for shard in todo]
@@ -235,23 +236,31 @@ def embed_with_ray(
             num_cpus=per_actor,
         )
     )
+    data_logger = logging.getLogger("ray.data")
+    level = data_logger.level
+    data_logger.setLevel(logging.CRITICAL)  # Ray Data logs worker tracebacks; we report one line
     try:
         for row in dataset.iter_rows():
             vectors, table = pickle.loads(row["payload"])
             write_shard(folder, int(row["shard"]), table, vectors, plan.digest)
             if on_shard is not None:
                 on_shard(int(row["shard"]), len(table))
-    except CvglError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; surface their first line
+    except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; surface their one line
         cause = _cvgl_cause(exc)
         if cause is not None:
-            raise type(cause)(str(cause)) from None
-        raise DistributedError(f"ray: embedding failed ({_one_line(exc)})") from None
+            # Ray appends retry advice to the message; our messages are one line by convention.
+            raise type(cause)(str(cause).splitlines()[0]) from None
+        raise DistributedError(f"ray: embedding failed ({_one_line(exc)}); Ray's logs are under /tmp/ray") from None
+    finally:
+        data_logger.setLevel(level)
 
 
 def _cvgl_cause(exc: BaseException) -> CvglError | None:
-    """The CvglError a Ray worker raised, if that is what this exception wraps."""
+    """The CvglError raised by cvgl code (here or in a worker) that this exception is or wraps.
+
+    Ray re-raises a worker's exception as a class deriving from both ``RayTaskError`` and the
+    original class, with the original in ``.cause``: that original is what we want.
+    """
     seen: set[int] = set()
     stack: list[BaseException | None] = [exc]
     while stack:
@@ -259,7 +268,7 @@ def _cvgl_cause(exc: BaseException) -> CvglError | None:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, CvglError):
+        if isinstance(current, CvglError) and type(current).__module__.startswith("cvgl."):
             return current
         stack.extend([getattr(current, "cause", None), current.__cause__, current.__context__])
     return None
