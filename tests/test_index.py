@@ -190,7 +190,7 @@ def test_overwrite_replaces_index(tmp_path: Path) -> None:
 
 
 def test_crash_while_writing_keeps_old_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path, raw_a, tiles_a = _write(tmp_path / "idx", seed=0)
+    path, raw_a, _ = _write(tmp_path / "idx", seed=0)
     before = {p.name: p.read_bytes() for p in path.iterdir()}
 
     def crash(*_args, **_kwargs):
@@ -332,3 +332,149 @@ def test_build_index_non_georeferenced(tmp_path: Path, plain_tiff: Path, tiny_en
 def test_build_index_missing_source(tmp_path: Path, tiny_encoder) -> None:
     with pytest.raises(InputError, match="nowhere.tif"):
         build_index(tmp_path / "nowhere.tif", tmp_path / "idx", tiny_encoder("gem"), progress=False)
+
+
+# ------------------------------------------------------------------------------ index types
+
+
+def _structured(n: int = 3000, dim: int = 32, seed: int = 0) -> tuple[np.ndarray, pd.DataFrame, np.ndarray]:
+    """Clustered descriptors on a 1-km grid of tiles around Longmont, and queries near items."""
+    from cvgl.bench.scale import structured_dataset
+
+    raw, queries, _, _ = structured_dataset(n, queries=40, dim=dim, clusters=30, seed=seed)
+    side = int(np.ceil(np.sqrt(n)))
+    rows, cols = np.divmod(np.arange(n), side)
+    tiles = pd.DataFrame({"tile_id": [f"t{i}" for i in range(n)], "lat": 40.13 + rows * 2e-4, "lon": -105.15 + cols * 2.6e-4})
+    return raw, tiles, queries
+
+
+def _numpy_top_k(index, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np.ndarray:
+    scores = index.alignment.apply(queries, "query") @ index.alignment.apply(np.asarray(index.raw), "reference").T
+    if allowed is not None:
+        masked = np.full_like(scores, -np.inf)
+        masked[:, allowed] = scores[:, allowed]
+        scores = masked
+    return brute_force_top_k(scores, k)[1]
+
+
+def _recall(found: np.ndarray, exact: np.ndarray) -> float:
+    return float(np.mean([len(set(f[f >= 0]) & set(e[e >= 0])) / max(1, (e >= 0).sum()) for f, e in zip(found, exact)]))
+
+
+@pytest.mark.parametrize("index_type", ["flat", "sq8", "ivfpq"])
+def test_index_types_round_trip_and_search_like_numpy(tmp_path: Path, index_type: str) -> None:
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    raw, tiles, queries = _structured()
+    params = {"nlist": 24, "m": 8, "nbits": 6, "nprobe": 8} if index_type == "ivfpq" else None
+    write_index(tmp_path / "idx", raw, tiles, IDENTITY, fit_alignment("center", raw), index_type=index_type,
+                backend_params=params)
+    index = open_index(tmp_path / "idx", IDENTITY)
+    assert index.index_type == index.manifest["index_type"] == index.manifest["backend"]["type"] == index_type
+    _, rows = index.search(queries, 10)
+    recall = _recall(rows, _numpy_top_k(index, queries, 10))
+    print(f"\n{index_type} via write_index/open_index: recall@10 vs numpy = {recall:.3f}")
+    assert recall >= (1.0 if index_type == "flat" else 0.95)
+    mapped = open_index(tmp_path / "idx", mmap=True)
+    assert isinstance(mapped.raw, np.memmap)
+    for a, b in zip(index.search(queries, 10), mapped.search(queries, 10)):
+        np.testing.assert_array_equal(a, b)  # memory-mapped answers identically
+
+
+def test_auto_type_and_unknown_type(tmp_path: Path, monkeypatch) -> None:
+    from cvgl.index import backends
+
+    raw, tiles, _ = _structured(400)
+    write_index(tmp_path / "a", raw, tiles, IDENTITY, fit_alignment("none", raw))
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["index_type"] == "flat"
+    monkeypatch.setattr(backends, "FLAT_MAX", 100)
+    write_index(tmp_path / "b", raw, tiles, IDENTITY, fit_alignment("none", raw))
+    assert open_index(tmp_path / "b").index_type == "sq8"
+    with pytest.raises(ValueError, match="index_type"):
+        write_index(tmp_path / "c", raw, tiles, IDENTITY, fit_alignment("none", raw), index_type="annoy")
+
+
+def test_format_1_flat_index_without_backend_entry_still_opens(tmp_path: Path) -> None:
+    """Indexes written before backends existed said "flat-ip" and had no "backend" entry."""
+    path, raw, _ = _write(tmp_path / "idx")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["index_type"] = "flat-ip"
+    del manifest["backend"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    index = open_index(path)
+    assert index.index_type == "flat"
+    queries = raw[:3] + 0.01
+    np.testing.assert_array_equal(index.search(queries, 5)[1], _numpy_top_k(index, queries, 5))
+
+
+def test_auto_mmap_follows_available_ram(tmp_path: Path, monkeypatch) -> None:
+    from cvgl.index import store
+
+    path, _, _ = _write(tmp_path / "idx")
+    assert not isinstance(open_index(path).raw, np.memmap)
+    monkeypatch.setattr(store, "_available_ram", lambda: 1000)  # pretend the index is larger than RAM
+    assert store.should_mmap(path)
+    assert isinstance(open_index(path).raw, np.memmap)
+
+
+@pytest.mark.parametrize("index_type", ["flat", "sq8", "ivfpq"])
+def test_geographic_prior_matches_numpy_reference(tmp_path: Path, index_type: str) -> None:
+    from cvgl.geo import geodesic_distance_m
+
+    raw, tiles, queries = _structured()
+    params = {"nlist": 24, "m": 8, "nbits": 6, "nprobe": 8} if index_type == "ivfpq" else None
+    write_index(tmp_path / "idx", raw, tiles, IDENTITY, fit_alignment("none", raw), index_type=index_type,
+                backend_params=params)
+    index = open_index(tmp_path / "idx")
+    near, radius_km = (40.135, -105.143), 0.2
+    distance = geodesic_distance_m(near[0], near[1], tiles["lat"].to_numpy(), tiles["lon"].to_numpy())
+    inside = np.flatnonzero(distance <= radius_km * 1000)
+    assert 0 < len(inside) < len(tiles) // 4
+    np.testing.assert_array_equal(index.allowed_rows(near, radius_km), inside)
+    _, rows = index.search(queries, 10, near=near, radius_km=radius_km)
+    assert np.isin(rows, inside).all()
+    np.testing.assert_array_equal(rows, _numpy_top_k(index, queries, 10, inside))  # small subset: exact
+    with pytest.raises(InputError):
+        index.search(queries, 10, near=near)
+    _, few = index.search(queries[:1], 10, near=near, radius_km=0.02)  # fewer tiles than k: -1 padding
+    assert (few >= 0).sum() == len(index.allowed_rows(near, 0.02)) and (few[few < 0] == -1).all()
+
+
+def test_search_with_another_alignment_reranks_exactly(tmp_path: Path) -> None:
+    """A locate-time (batch) alignment re-scores the backend's candidates against raw.npy."""
+    raw, tiles, queries = _structured(600)
+    write_index(tmp_path / "idx", raw, tiles, IDENTITY, fit_alignment("none", raw), index_type="sq8")
+    index = open_index(tmp_path / "idx")
+    batch = fit_alignment("center", raw, queries=queries)
+    scores, rows = index.search(queries, 5, alignment=batch)
+    expected = batch.apply(queries, "query") @ batch.apply(raw, "reference").T
+    np.testing.assert_array_equal(rows, brute_force_top_k(expected, 5)[1])  # 256-pool covers the top 5
+    np.testing.assert_allclose(scores, brute_force_top_k(expected, 5)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("prior", [False, True])
+def test_locate_searched_scores_equal_dense_scores(tmp_path: Path, monkeypatch, prior: bool) -> None:
+    """locate's search path (large / non-flat indexes) against its dense path on the same index."""
+    from cvgl import locate
+
+    raw, tiles, queries = _structured(500)
+    write_index(tmp_path / "idx", raw, tiles, IDENTITY, fit_alignment("none", raw), index_type="flat")
+    index = open_index(tmp_path / "idx")
+    hypotheses = queries[:4]  # one photo's heading hypotheses
+    batch = fit_alignment("center", raw, queries=queries)
+    options = locate.LocateOptions(candidates=500, near=(40.132, -105.147) if prior else None,
+                                   radius_km=0.1 if prior else None)
+    allowed = index.allowed_rows(options.near, options.radius_km) if prior else None
+    dense_scores, dense_hyp = locate.hypothesis_scores(index, hypotheses, batch, options, allowed)
+    monkeypatch.setattr(locate, "DENSE_MAX", 0)
+    full_scores, full_hyp = locate.hypothesis_scores(index, hypotheses, batch, options, allowed)
+    np.testing.assert_allclose(full_scores, dense_scores, atol=1e-5)  # pool = every tile: identical
+    finite = np.isfinite(dense_scores)
+    np.testing.assert_array_equal(full_hyp[finite], dense_hyp[finite])
+    few = locate.LocateOptions(candidates=8, near=options.near, radius_km=options.radius_km)
+    part_scores, _ = locate.hypothesis_scores(index, hypotheses, batch, few, allowed)
+    scored = np.isfinite(part_scores)
+    assert 8 <= scored.sum() <= 4 * 8
+    np.testing.assert_allclose(part_scores[scored], dense_scores[scored], atol=1e-5)
+    assert np.argmax(part_scores) == np.argmax(dense_scores)

@@ -278,7 +278,7 @@ def hypothesis_scores(
     radius = options.radius_km if allowed is not None else None
     _, rows = index.search(desc, options.candidates, near=near, radius_km=radius)
     pool = np.unique(rows[rows >= 0])
-    exact = alignment.apply(desc, "query") @ index.reference_rows(pool).T  # [H, pool]
+    exact = alignment.apply(desc, "query") @ alignment.apply(index.raw[pool], "reference").T  # [H, pool]
     tile_scores = np.full(len(index), -np.inf, dtype=np.float32)
     best_hyp = np.zeros(len(index), dtype=np.int64)
     tile_scores[pool], best_hyp[pool] = exact.max(0), exact.argmax(0)

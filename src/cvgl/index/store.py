@@ -69,10 +69,6 @@ class ReferenceIndex:
         """Aligned reference vectors ``[N, D]`` (exact, from raw.npy)."""
         return self.alignment.apply(self.raw, "reference")
 
-    def reference_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Aligned reference vectors of ``rows`` (read in ascending order from raw.npy)."""
-        return self.alignment.apply(self.raw[np.asarray(rows, dtype=np.int64)], "reference")
-
     def allowed_rows(self, near: tuple[float, float], radius_km: float) -> np.ndarray:
         """Rows whose tile centre lies within ``radius_km`` (geodesic) of ``near`` = (lat, lon).
 
