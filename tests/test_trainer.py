@@ -52,6 +52,9 @@ def tiny_config(csv: Path, out: Path, **changes) -> dict:
         "eval": {"every_epochs": 1, "protocol": "split"},
     }
     for dotted, value in changes.items():
+        if "__" not in dotted:
+            config[dotted] = value
+            continue
         section, key = dotted.split("__")
         config[section][key] = value
     return config
@@ -148,3 +151,57 @@ def test_export_plugs_into_create_encoder(pairs_csv, tmp_path):
     with torch.no_grad():
         expected = trainer.model.encode(reference.to_tensor(image)[None], "reference").numpy()
     np.testing.assert_allclose(desc, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kind, options, panorama",
+    [
+        ("cvusa", {}, True),
+        ("cvact", {}, True),
+        ("vigor", {"area": "same"}, True),
+        ("university1652", {"query_view": "drone", "reference_view": "satellite"}, False),
+    ],
+)
+def test_trains_and_evaluates_on_benchmark_layouts(tmp_path, kind, options, panorama):
+    """Each published layout (fixture tree made by code) trains one epoch and evaluates its test split."""
+    import data.make_fixtures as fixtures
+
+    root = tmp_path / kind
+    getattr(fixtures, f"make_{kind}")(root)
+    config = tiny_config(root, tmp_path / "run", optim__epochs=1, optim__batch_size=2)
+    config["data"] = {"kind": kind, "root": str(root), "options": options, "augment": True}
+    config["model"]["query_size"] = [28, 56] if panorama else [28, 28]
+    config["model"]["reference_size"] = [28, 28]
+    trainer = Trainer(config_from_dict(config))
+    assert trainer._augment_kind() == ("panorama" if panorama else "aerial")
+    result = trainer.fit()
+    metrics = result["metrics"]
+    assert 0.0 <= metrics["R@1"] <= metrics["R@5"] <= 1.0 and "mAP" in metrics
+    assert ("hit_rate" in metrics) == (kind == "vigor")
+    assert ("median_error_m" in metrics) == (kind in ("cvact", "vigor"))
+
+
+def test_trained_model_through_cli_index_and_locate(pairs_csv, tmp_path, utm_geotiff, capsys):
+    """`cvgl index --weights model.safetensors` then `cvgl locate` with the same file: unchanged commands."""
+    from cvgl.cli import main
+
+    trainer = Trainer(config_from_dict(tiny_config(pairs_csv, tmp_path / "run", optim__epochs=1, model__shared_head=False)))
+    trainer.fit()
+    export = str(tmp_path / "run" / "model.safetensors")
+    index = tmp_path / "index"
+    args = ["index", str(utm_geotiff), "--out", str(index), "--weights", export, "--tile-m", "56", "--stride-m", "28", "--gsd", "1"]
+    assert main(args) == 0
+    manifest = json.loads((index / "manifest.json").read_text())
+    assert manifest["encoder"]["preset"] == "tiny" and manifest["dim"] == 16
+    photo = tmp_path / "photo.png"
+    with Image.open(utm_geotiff) as image:
+        image.convert("RGB").crop((40, 40, 96, 96)).save(photo)
+    capsys.readouterr()
+    assert main(["locate", str(index), str(photo), "--weights", export, "--view", "aerial", "--batch-alignment", "off"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"lat", "lon", "confidence", "top_k"} <= set(result)
+    # Another model (different weights) is refused, naming the index.
+    other = Trainer(config_from_dict(tiny_config(pairs_csv, tmp_path / "other", optim__epochs=1, seed=1)))
+    other.fit()
+    assert main(["locate", str(index), str(photo), "--weights", str(tmp_path / "other" / "model.safetensors")]) == 2
+    assert "differs" in capsys.readouterr().err

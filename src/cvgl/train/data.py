@@ -15,6 +15,10 @@ from cvgl.train.config import DataConfig, TrainConfig
 from cvgl.train.distributed import World, barrier
 
 
+# The split each benchmark publishes for evaluation (CVUSA and CVACT call theirs "val").
+TEST_SPLITS = {"cvusa": "val", "cvact": "val", "vigor": "test", "university1652": "test"}
+
+
 def resolve_raster(text: str) -> Path:
     """``longmont:wv2`` / ``longmont:wv3`` (the embedded scenes) or a GeoTIFF path."""
     if text.startswith("longmont:"):
@@ -104,4 +108,4 @@ def train_split(config: TrainConfig, out: Path, world: World | None = None):
 def test_split(config: TrainConfig, out: Path):
     if config.data.kind == "ortho-pairs":
         return _ortho_split(config.data, Path(out), "test", None)
-    return _load(config.data, "test" if config.data.kind != "cvusa" else "val")
+    return _load(config.data, TEST_SPLITS.get(config.data.kind, "test"))

@@ -121,7 +121,10 @@ class Trainer:
             num_replicas=self.world.size,
             rank=self.world.rank,
         )
-        if len(self.sampler) == 0:
+        # Batches per epoch, for the schedule: pairs over the global batch (the sampler may make
+        # one less when locations repeat; it cannot count DSS batches before the first refresh).
+        self.steps_per_epoch = len(self.dataset) // self.sampler.global_batch_size
+        if self.steps_per_epoch == 0:
             raise InputError(
                 f"{config.data.kind}: {len(self.dataset)} training pairs make no batch of {config.optim.batch_size}; "
                 "lower optim.batch_size or add pairs"
@@ -133,7 +136,6 @@ class Trainer:
         if backbone:
             groups.insert(0, {"params": backbone, "lr": lr})
         self.optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=config.optim.weight_decay)
-        self.steps_per_epoch = len(self.sampler)
         total = self.steps_per_epoch * config.optim.epochs
         warmup = int(round(config.optim.warmup_epochs * self.steps_per_epoch))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
