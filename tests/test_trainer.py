@@ -205,3 +205,11 @@ def test_trained_model_through_cli_index_and_locate(pairs_csv, tmp_path, utm_geo
     other.fit()
     assert main(["locate", str(index), str(photo), "--weights", str(tmp_path / "other" / "model.safetensors")]) == 2
     assert "differs" in capsys.readouterr().err
+
+
+def test_tensorboard_events_beside_jsonl(pairs_csv, tmp_path):
+    pytest.importorskip("torch.utils.tensorboard")
+    trainer = Trainer(config_from_dict(tiny_config(pairs_csv, tmp_path / "run", optim__epochs=1, tensorboard=True)))
+    trainer.fit()
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
