@@ -213,3 +213,24 @@ def test_tensorboard_events_beside_jsonl(pairs_csv, tmp_path):
     trainer.fit()
     events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_explain_draws_dustbin_and_cluster_figure(pairs_csv, tmp_path, capsys):
+    from cvgl.cli import main
+    from cvgl.train.model import load_trained
+    from cvgl.viz.assignments import assignment_summary
+
+    Trainer(config_from_dict(tiny_config(pairs_csv, tmp_path / "run", optim__epochs=1))).fit()
+    export = tmp_path / "run" / "model.safetensors"
+    out = tmp_path / "fig.png"
+    assert main(["explain", str(export), str(pairs_csv.parent / "q0.png"), str(pairs_csv.parent / "r0.png"), "--out", str(out)]) == 0
+    with Image.open(out) as figure:
+        assert figure.size[0] > 400 and figure.size[1] > 400
+    model, _, _ = load_trained(export)
+    image = torch.rand(3, 56, 56)
+    summary = assignment_summary(model, image, image)
+    assert summary["query"].keep.shape == (4, 4) and 0.0 <= summary["query"].keep.min() <= summary["query"].keep.max() <= 1.0
+    np.testing.assert_allclose(summary["query"].clusters.sum(), 1.0, atol=1e-5)
+    assert summary["cluster_overlap"] == pytest.approx(1.0, abs=1e-5)  # shared head, same image
+    assert main(["explain", str(pairs_csv), str(pairs_csv), str(pairs_csv), "--out", str(out)]) == 2
+    assert "not a model written by cvgl train" in capsys.readouterr().err

@@ -128,6 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     p.add_argument("--assemble", action="store_true", help="rebuild --out from the sections kept in bench_out/")
 
+    p = sub.add_parser("train", help="train GenGeo from a YAML config (under torchrun for several processes)")
+    p.add_argument("config", type=Path, help="YAML training config (see configs/)")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default: the config's out_dir)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in the run folder")
+    p.add_argument("--max-steps", type=_positive_int, default=None, help="stop (with a checkpoint) after this many steps")
+
+    p = sub.add_parser("explain", help="draw what a trained SALAD head keeps (dustbin) and its cluster assignments")
+    p.add_argument("model", type=Path, help="model.safetensors written by cvgl train")
+    p.add_argument("query", type=Path)
+    p.add_argument("reference", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="PNG to write")
+
     p = sub.add_parser("demo", help="index Longmont (WV3), locate simulated drone photos (WV2)")
     p.add_argument("--out", type=Path, default=Path("demo_out"))
     p.add_argument("--per-family", type=int, default=12)
@@ -136,10 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _encoder(args: argparse.Namespace, preset: str):
+def _encoder(args: argparse.Namespace, preset: str, view: str = "reference"):
     from cvgl.models.encoder import create_encoder
 
-    return create_encoder(preset, args.weights, args.input_size)
+    return create_encoder(preset, args.weights, args.input_size, view=view)
 
 
 def _threads(args: argparse.Namespace) -> None:
@@ -184,7 +197,8 @@ def _index_and_encoder(args: argparse.Namespace):
     built = index.manifest["encoder"]
     if args.input_size is None:  # default to what the index was built with
         args.input_size = tuple(built["input_size"])
-    encoder = _encoder(args, args.encoder or built["preset"])
+    # Photos are the query view (a trained model with per-view heads encodes them with its query head).
+    encoder = _encoder(args, args.encoder or built["preset"], view="query")
     index.check_encoder(encoder.identity)
     return index, encoder
 
@@ -246,6 +260,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from cvgl.train.config import load_config
+    from cvgl.train.trainer import Trainer
+
+    config = load_config(args.config, args.set)
+    trainer = Trainer(config, args.out)
+    result = trainer.fit(resume=not args.no_resume, stop_after_steps=args.max_steps)
+    if trainer.world.is_main:
+        print(json.dumps({"run": str(trainer.out), "step": trainer.state.step, **result}))
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from cvgl.data.datasets.common import load_resized
+    from cvgl.errors import WeightsError
+    from cvgl.train.model import load_trained
+    from cvgl.viz.assignments import write_assignment_figure
+    from cvgl.weights import is_trained_export
+
+    if not is_trained_export(args.model):
+        raise WeightsError(f"{args.model}: not a model written by cvgl train (model.safetensors in a run folder)")
+    model, _, name = load_trained(args.model)
+    query = load_resized(args.query, model.config.query_size)
+    reference = load_resized(args.reference, model.config.reference_size)
+    try:
+        summary = write_assignment_figure(model, query, reference, args.out, title=f"{name}: {args.query.name} vs {args.reference.name}")
+    except ValueError as exc:
+        raise WeightsError(f"{args.model}: {exc}") from None
+    print(f"wrote {args.out} (cluster overlap {summary['cluster_overlap']:.2f})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cvgl.demo import run_demo
 
@@ -256,7 +302,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _threads(args)
-    handlers = {"index": cmd_index, "locate": cmd_locate, "bench": cmd_bench, "demo": cmd_demo, "serve": cmd_serve}
+    handlers = {"index": cmd_index, "locate": cmd_locate, "bench": cmd_bench, "demo": cmd_demo, "train": cmd_train, "explain": cmd_explain, "serve": cmd_serve}
     try:
         return handlers[args.command](args)
     except CvglError as exc:
