@@ -161,3 +161,18 @@ def test_ray_equals_in_process_with_real_weights(local_ray, tmp_path: Path) -> N
     ray = build_index(source, tmp_path / "ray", encoder, spec, progress=False, shard_size=4, ray=RayOptions(recipe, "auto", 2))
     assert len(open_index(local)) == 16
     assert_same_index(local, ray)
+
+
+# ------------------------------------------------------------------------------ benchmark text
+
+
+@pytest.mark.parametrize(("ray_seconds", "expected"), [(30.0, "does not make Ray faster"), (60.0, "% behind"), (40.5, "within 5 %")])
+def test_benchmark_text_follows_the_numbers(ray_seconds: float, expected: str) -> None:
+    from cvgl.bench.ray_index import Result, Row, render
+
+    rows = [Row("in process, 2 torch threads", 256, 50.0, 1.0), Row("in process, 1 torch thread", 256, 40.0, 1.0),
+            Row("Ray Data, 2 actors x 1 thread (local instance)", 256, ray_seconds, 1.0)]
+    text = render(Result(rows, 6.0, 1.0, True, True, 3e-7, 2, 112.0, 56.0, 0.5, 32, 2, False, 2))
+    assert expected in text
+    assert "3.0e-07" in text and "2 threads was slower than 1 thread" in text
+    assert f"| {256 / ray_seconds:.1f} |" in text
