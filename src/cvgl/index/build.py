@@ -73,7 +73,7 @@ def build_index(
 
         if ray is None:
             embed_in_process(plan, folder, encoder, todo, batch_size, on_shard)
-        else:
+        elif todo:  # no Ray start-up when every shard is already on disk
             from cvgl.index.ray_embed import embed_with_ray, ray_session
 
             with ray_session(ray.address, ray.workers):
