@@ -13,13 +13,13 @@ type       faiss index                                bytes/vector  why
 ``ivfpq``  ``IndexIVFPQ`` + exact re-rank (raw.npy)   m (+ 8 id)    sub-linear: probes nprobe lists
 =========  =========================================  ===========  =============================
 
-``auto`` (:func:`choose_index_type`) picks by size. The thresholds come from ``cvgl bench
-scale`` (see ``docs/benchmarks.md``) on a 2-core machine: a batch-1 query on a flat index reads
-the whole matrix (1.5 kB per 384-d vector), so latency and memory grow linearly — a few ms at
-1e5, well past 50 ms at 1e6. SQ8 reads 4x less and keeps recall@10 near 1, so it carries the
-middle range; from ~2e6 only an inverted file keeps batch-1 latency bounded, and its
-product-quantised scores are repaired by re-ranking ``rerank * k`` candidates exactly against the
-(memory-mapped) raw descriptors.
+``auto`` (:func:`choose_index_type`) picks by size. Thresholds from ``cvgl bench scale`` (384-d
+descriptors grown from real Longmont ones, batch-1 queries, faiss on 2 cores of a shared machine):
+a flat scan reads the whole matrix per query — 24 ms at 1e5, 180 ms and 1.5 GB at 1e6 — so flat
+stops at 2e5 (~50 ms). SQ8 + re-rank reads 4x less: 48 ms, 366 MB and recall@10 1.000 at 1e6,
+built in 1.4 s, so it carries the range up to 1e6. Above, only an inverted file keeps latency
+flat: IVF-PQ + re-rank answered in 0.8 ms (p99 1.3 ms) with recall@10 0.993 at 1e6 (nprobe 32,
+60 MB of codes) but took 141 s to train and fill, which is why it is not used below 1e6.
 
 A geographic prior becomes ``allowed`` (row ids inside the radius, computed by the store from
 tile lat/lon). Small allowed sets are searched exactly over those rows; larger ones go through a
@@ -39,7 +39,7 @@ import numpy as np
 
 FAISS_FILE = "vectors.faiss"
 FLAT_MAX = 200_000  # auto: exact below this many vectors
-SQ8_MAX = 2_000_000  # auto: SQ8 up to this many, IVF-PQ above
+SQ8_MAX = 1_000_000  # auto: SQ8 up to this many, IVF-PQ above
 EXACT_SUBSET_MAX = 50_000  # an allowed set this small is scored exactly (one [Q, A] product)
 DEFAULT_RERANK = 10  # IVF-PQ: exact re-rank of rerank * k candidates
 DEFAULT_NPROBE = 32
