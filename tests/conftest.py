@@ -98,3 +98,14 @@ def utm_geotiff(tmp_path: Path) -> Path:
 def plain_tiff(tmp_path: Path) -> Path:
     """An RGB TIFF without any CRS or geotransform."""
     return write_geotiff(tmp_path / "plain.tif", textured_rgb(120, 120, seed=1), crs=None)
+
+
+@pytest.fixture
+def one_faiss_thread():
+    """OpenMP threads spin-wait: on a busy CI machine one faiss thread keeps index tests fast."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)

@@ -34,15 +34,7 @@ def data() -> tuple[np.ndarray, np.ndarray]:
     return database, queries
 
 
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    """OpenMP threads spin-wait: on a busy CI machine one thread keeps these tests fast."""
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def _build(kind: str, database: np.ndarray, **params):

@@ -21,15 +21,7 @@ from cvgl.bench.scale import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    """OpenMP threads spin-wait: on a busy CI machine one thread keeps these tests fast."""
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def test_structured_data_is_unit_norm_and_queries_find_their_item():
