@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     encoder_args(p, None)
 
     p = sub.add_parser("bench", help="run benchmarks and write docs/benchmarks.md")
-    p.add_argument("names", nargs="+", help="longmont | real-pairs | throughput | all")
+    p.add_argument("names", nargs="+", help="longmont | real-pairs | throughput | scale | ray-index | service | all")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     p.add_argument("--assemble", action="store_true", help="rebuild --out from the sections kept in bench_out/")

@@ -29,7 +29,8 @@ def run_benchmark(name: str, argv: list[str] | None = None) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"{name}.md"
         module.main([*(argv or []), "--out", str(out)])
-        text = out.read_text() if out.is_file() else ""
+        # The section names where it is kept, not the temporary file it was first written to.
+        text = (out.read_text() if out.is_file() else "").replace(str(out), str(SECTIONS / f"{name}.md"))
     write_text_atomic(SECTIONS / f"{name}.md", text)
     return text
 
