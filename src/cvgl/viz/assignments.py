@@ -2,8 +2,11 @@
 
 For a query/reference pair the figure shows, per view, the image, the DINOv2 patch-token norm
 (the backbone's own saliency), the dustbin selection map ``1 - w`` (what the head keeps), and
-below both, the two views' average cluster-assignment distributions over their patches (Fig. 7:
-corresponding views should put their mass on the same clusters). :func:`assignment_summary`
+below both, the two views' average cluster-assignment distributions over a region of patches
+(Fig. 7: corresponding regions should put their mass on the same clusters). The region matters:
+over the *whole* image SALAD's marginals give every cluster about one token's worth of mass, so
+the whole-image distribution is close to uniform by construction; the default region is the
+central half of each view (where a north-up drone photo and its tile show the same ground). :func:`assignment_summary`
 gives the same numbers without drawing, for tests and tables.
 
 ``cvgl explain MODEL QUERY REFERENCE --out fig.png`` draws it from the command line.
@@ -28,7 +31,11 @@ class ViewAssignment:
     clusters: np.ndarray  # [M] mean share of each cluster over the patches (sums to 1)
 
 
-def _view(model, image: torch.Tensor, view: str) -> ViewAssignment:
+Region = tuple[float, float, float, float]  # top, bottom, left, right as fractions of the token grid
+CENTRE: Region = (0.25, 0.75, 0.25, 0.75)
+
+
+def _view(model, image: torch.Tensor, view: str, region: Region) -> ViewAssignment:
     from cvgl.models.salad import Salad
 
     head = model.heads.head(view)
@@ -37,7 +44,11 @@ def _view(model, image: torch.Tensor, view: str) -> ViewAssignment:
     tokens = model.tokens(image[None])
     assigned = head.assignments(tokens)
     keep = 1.0 - assigned.dustbin_weight[0]
-    probs = assigned.cluster_probs[0].flatten(1)  # [M, n]
+    h, w = keep.shape
+    top, bottom, left, right = region
+    rows = slice(int(round(top * h)), max(int(round(bottom * h)), int(round(top * h)) + 1))
+    cols = slice(int(round(left * w)), max(int(round(right * w)), int(round(left * w)) + 1))
+    probs = assigned.cluster_probs[0][:, rows, cols].flatten(1)  # [M, tokens in the region]
     clusters = (probs / probs.sum(0, keepdim=True).clamp_min(1e-12)).mean(1)
     return ViewAssignment(
         token_norm=tokens.patches[0].norm(dim=0).float().numpy(),
@@ -47,7 +58,7 @@ def _view(model, image: torch.Tensor, view: str) -> ViewAssignment:
 
 
 @torch.inference_mode()
-def assignment_summary(model, query: torch.Tensor, reference: torch.Tensor) -> dict:
+def assignment_summary(model, query: torch.Tensor, reference: torch.Tensor, region: Region = CENTRE) -> dict:
     """Per-view maps and cluster distributions, and how alike the two distributions are.
 
     ``query``/``reference``: float ``[3, H, W]`` in [0, 1] at the model's input sizes.
@@ -56,21 +67,23 @@ def assignment_summary(model, query: torch.Tensor, reference: torch.Tensor) -> d
     was = model.training
     model.eval()
     try:
-        q = _view(model, query, "query")
-        r = _view(model, reference, "reference")
+        q = _view(model, query, "query", region)
+        r = _view(model, reference, "reference", region)
     finally:
         model.train(was)
     return {"query": q, "reference": r, "cluster_overlap": float(np.minimum(q.clusters, r.clusters).sum())}
 
 
-def write_assignment_figure(model, query: torch.Tensor, reference: torch.Tensor, path: Path, title: str = "") -> dict:
+def write_assignment_figure(
+    model, query: torch.Tensor, reference: torch.Tensor, path: Path, title: str = "", region: Region = CENTRE
+) -> dict:
     """Draw Fig. 4 + Fig. 7 for one pair into ``path`` (PNG, atomic); returns the summary."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary = assignment_summary(model, query, reference)
+    summary = assignment_summary(model, query, reference, region)
     fig = plt.figure(figsize=(9, 8.5))
     grid = fig.add_gridspec(3, 3, height_ratios=[1, 1, 0.8])
     for row, (name, image) in enumerate((("query", query), ("reference", reference))):
@@ -93,7 +106,11 @@ def write_assignment_figure(model, query: torch.Tensor, reference: torch.Tensor,
     ax.bar(clusters + 0.2, summary["reference"].clusters, width=0.4, label="reference")
     ax.set_xlabel("cluster")
     ax.set_ylabel("mean assignment")
-    ax.set_title(f"cluster distributions (overlap {summary['cluster_overlap']:.2f})", fontsize=9)
+    ax.set_title(
+        f"cluster distributions over the region rows {region[0]:g}-{region[1]:g}, columns {region[2]:g}-{region[3]:g}"
+        f" (overlap {summary['cluster_overlap']:.2f})",
+        fontsize=9,
+    )
     ax.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
