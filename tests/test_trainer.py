@@ -234,3 +234,18 @@ def test_explain_draws_dustbin_and_cluster_figure(pairs_csv, tmp_path, capsys):
     assert summary["cluster_overlap"] == pytest.approx(1.0, abs=1e-5)  # shared head, same image
     assert main(["explain", str(pairs_csv), str(pairs_csv), str(pairs_csv), "--out", str(out)]) == 2
     assert "not a model written by cvgl train" in capsys.readouterr().err
+
+
+def test_netvlad_starts_from_kmeans_of_training_tokens(pairs_csv, tmp_path):
+    from cvgl.models.netvlad import NetVLAD, NetVLADConfig
+
+    config = config_from_dict(tiny_config(pairs_csv, tmp_path / "run", optim__epochs=1, model__head="netvlad"))
+    trainer = Trainer(config)
+    head = trainer.model.heads.query
+    assert isinstance(head, NetVLAD)
+    fresh = NetVLAD(NetVLADConfig(head.config.num_channels, head.config.num_clusters, head.config.out_dim))
+    assert not torch.allclose(head.centroids, fresh.centroids)
+    norms = head.centroids.norm(dim=1)  # k-means means of L2-normalised tokens: inside the unit ball
+    assert bool(((norms > 0.05) & (norms <= 1.0 + 1e-5)).all())
+    result = trainer.fit()
+    assert 0.0 <= result["metrics"]["R@1"] <= 1.0

@@ -169,11 +169,13 @@ class Trainer:
             return
         pairs = self.split.pairs()
         pick = np.random.default_rng(self.config.seed).permutation(len(pairs))[:images]
-        sizes = (self.config.model.query_size, self.config.model.reference_size)
-        batch = torch.stack(
-            [load_resized(self.split.queries[pairs[i][0]].path, sizes[0]) for i in pick[: images // 2]]
-            + [load_resized(self.split.references[pairs[i][1]].path, sizes[1]) for i in pick[images // 2 :]]
-        ) if sizes[0] == sizes[1] else torch.stack([load_resized(self.split.references[pairs[i][1]].path, sizes[1]) for i in pick])
+        # Both views' tokens when they share an input size (a shared head clusters both), else tiles only.
+        size = self.config.model.reference_size
+        paths = [self.split.references[pairs[i][1]].path for i in pick]
+        if self.config.model.query_size == size:
+            half = len(pick) // 2
+            paths = [self.split.queries[pairs[i][0]].path for i in pick[:half]] + paths[half:]
+        batch = torch.stack([load_resized(path, size) for path in paths])
         was = self.model.training
         self.model.eval()
         patches = self.model.tokens(batch).patches  # [B, C, h, w]
