@@ -241,6 +241,7 @@ def test_netvlad_starts_from_kmeans_of_training_tokens(pairs_csv, tmp_path):
 
     config = config_from_dict(tiny_config(pairs_csv, tmp_path / "run", optim__epochs=1, model__head="netvlad"))
     trainer = Trainer(config)
+    trainer._init_netvlad()  # what fit() does first on a new run (a resumed one loads its centroids)
     head = trainer.model.heads.query
     assert isinstance(head, NetVLAD)
     fresh = NetVLAD(NetVLADConfig(head.config.num_channels, head.config.num_clusters, head.config.out_dim))

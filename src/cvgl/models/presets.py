@@ -88,6 +88,12 @@ PRESETS: dict[str, EncoderPreset] = {
 DEFAULT_PRESET = "gem-l8-raw"
 
 
+# Trainable heads and backbone fine-tuning modes (cvgl.models.trainable); named here, torch-free,
+# so the training config can validate them without importing torch.
+HEAD_KINDS = ("salad", "netvlad", "cls")
+FINETUNE_MODES = ("frozen", "last_n", "full")
+
+
 def get_preset(name: str) -> EncoderPreset:
     if name not in PRESETS:
         raise ValueError(f"unknown encoder preset '{name}'; choose one of {sorted(PRESETS)}")

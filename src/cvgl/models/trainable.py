@@ -15,6 +15,8 @@ checkpoint can store ``describe()`` beside the state dict.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -24,10 +26,11 @@ from torch import nn
 from cvgl.errors import InputError
 from cvgl.models.backbone import DinoV2, LayerTokens
 from cvgl.models.netvlad import NetVLAD, NetVLADConfig
+from cvgl.models.presets import FINETUNE_MODES, HEAD_KINDS
 from cvgl.models.salad import Salad, SaladConfig
 
 VIEWS = ("query", "reference")
-MODES = ("frozen", "last_n", "full")
+MODES = FINETUNE_MODES
 
 
 class ClsHead(nn.Module):
@@ -88,7 +91,7 @@ def build_head(spec: HeadSpec, num_channels: int) -> nn.Module:
         return NetVLAD(NetVLADConfig(num_channels, spec.num_clusters, spec.out_dim, spec.concat_cls))
     if spec.kind == "cls":
         return ClsHead(num_channels, spec.out_dim)
-    raise InputError(f"unknown head kind '{spec.kind}'; expected salad | netvlad | cls")
+    raise InputError(f"unknown head kind '{spec.kind}'; expected {' | '.join(HEAD_KINDS)}")
 
 
 def head_from_description(description: dict) -> nn.Module:
@@ -104,7 +107,7 @@ def head_from_description(description: dict) -> nn.Module:
             return ClsHead(**config)
     except TypeError as error:
         raise InputError(f"head description {description} does not fit a '{kind}' head: {error}") from None
-    raise InputError(f"unknown head kind '{kind}' in head description; expected salad | netvlad | cls")
+    raise InputError(f"unknown head kind '{kind}' in head description; expected {' | '.join(HEAD_KINDS)}")
 
 
 class ViewHeads(nn.Module):
@@ -156,6 +159,17 @@ class ViewHeads(nn.Module):
         )
 
 
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode (dropout off) for the block, then back in the mode it was in."""
+    was = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was)
+
+
 def set_trainable(backbone: DinoV2, mode: str, n: int = 4) -> int:
     """Choose which backbone parameters train; returns how many parameters now require grad.
 
@@ -166,7 +180,7 @@ def set_trainable(backbone: DinoV2, mode: str, n: int = 4) -> int:
     ``torch.no_grad()`` to save memory; that is the training loop's call.)
     """
     if mode not in MODES:
-        raise InputError(f"unknown fine-tuning mode '{mode}'; expected frozen | last_n | full")
+        raise InputError(f"unknown fine-tuning mode '{mode}'; expected {' | '.join(MODES)}")
     if mode == "last_n" and not 1 <= n <= backbone.depth:
         raise InputError(f"last_n fine-tuning needs 1 <= n <= {backbone.depth} blocks, got n={n}")
     backbone.requires_grad_(mode == "full")
@@ -179,6 +193,7 @@ def set_trainable(backbone: DinoV2, mode: str, n: int = 4) -> int:
 
 __all__ = [
     "MODES",
+    "eval_mode",
     "VIEWS",
     "ClsHead",
     "HeadSpec",

@@ -18,6 +18,7 @@ import yaml
 
 from cvgl.errors import InputError
 from cvgl.io import write_text_atomic
+from cvgl.models.presets import FINETUNE_MODES, HEAD_KINDS
 
 
 @dataclass
@@ -109,7 +110,12 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
-        return _plain(dataclasses.asdict(self))
+        return plain_dict(self)
+
+
+def plain_dict(config) -> dict:
+    """A config dataclass as JSON/YAML-ready nested dicts and lists (tuples become lists)."""
+    return _plain(dataclasses.asdict(config))
 
 
 def _plain(value):
@@ -179,8 +185,8 @@ def _coerce(hint, value, where: str):
 
 
 CHOICES = {
-    "model.finetune": ("frozen", "last_n", "full"),
-    "model.head": ("salad", "netvlad", "cls"),
+    "model.finetune": FINETUNE_MODES,
+    "model.head": HEAD_KINDS,
     "data.kind": ("cvusa", "cvact", "vigor", "university1652", "pairs-csv", "ortho-pairs"),
     "eval.protocol": ("split", "longmont"),
 }
@@ -231,3 +237,8 @@ def save_config(config: TrainConfig, path: Path) -> Path:
 
 def config_from_dict(data: dict, where: str = "config") -> TrainConfig:
     return validate(_convert(TrainConfig, data, where), where)
+
+
+def model_config_from_dict(data: dict, where: str = "model config") -> ModelConfig:
+    """The ``model`` section alone (as stored in a trained export), typed like a YAML file's."""
+    return _convert(ModelConfig, data, where)

@@ -40,15 +40,19 @@ def _ortho_split(data: DataConfig, out: Path, role: str, world: World | None):
     count, x_range, seed = (
         (data.train_pairs, data.train_x_range, 1) if role == "train" else (data.test_pairs, data.test_x_range, 2)
     )
+    split = None
     if world is None or world.is_main:
         cut_ortho_pairs(  # reuses the folder when it holds pairs cut with the same parameters
             resolve_raster(data.query_raster), resolve_raster(data.reference_raster), folder,
             count=count, seed=seed, x_range=x_range,
         )
-        prepare_queries(load_pairs_csv(csv), folder / "prepared", tile_m=112.0, gsd_m=0.5)
+        split = load_pairs_csv(csv, query_view="drone", reference_view="satellite")
+        prepare_queries(split, folder / "prepared", tile_m=112.0, gsd_m=0.5)
     if world is not None:
-        barrier(world)
-    return prepared_split(load_pairs_csv(csv, query_view="drone", reference_view="satellite"), folder / "prepared")
+        barrier(world)  # the other processes read the pairs once the main one has cut them
+    if split is None:
+        split = load_pairs_csv(csv, query_view="drone", reference_view="satellite")
+    return prepared_split(split, folder / "prepared")
 
 
 def _prepared_path(folder: Path, query: Path) -> Path:

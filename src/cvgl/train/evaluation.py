@@ -26,26 +26,32 @@ from cvgl.geo import geodesic_distance_m
 from cvgl.models.encoder import Encoder
 
 
-def _encode_paths(encoder: Encoder, paths: list[Path], batch_size: int) -> np.ndarray:
+def encode_paths(encoder: Encoder, paths: list[Path], batch_size: int = 32) -> np.ndarray:
+    """Descriptors ``[N, D]`` of image files, read one batch at a time (evaluation and DSS)."""
     from cvgl.data.images import load_image
 
     return encoder.encode((load_image(p) for p in paths), batch_size=batch_size)
 
 
+def _coordinates(items) -> tuple[np.ndarray, np.ndarray]:
+    """(lat, lon) of view items in degrees, nan where unknown."""
+    lat = np.array([np.nan if item.lat is None else item.lat for item in items], dtype=float)
+    lon = np.array([np.nan if item.lon is None else item.lon for item in items], dtype=float)
+    return lat, lon
+
+
 @torch.inference_mode()
 def evaluate_split(query_encoder: Encoder, reference_encoder: Encoder, split, batch_size: int = 32) -> dict[str, float]:
     """Retrieval metrics of ``split.queries`` against ``split.references``."""
-    query = _encode_paths(query_encoder, [q.path for q in split.queries], batch_size)
-    reference = _encode_paths(reference_encoder, [r.path for r in split.references], batch_size)
+    query = encode_paths(query_encoder, [q.path for q in split.queries], batch_size)
+    reference = encode_paths(reference_encoder, [r.path for r in split.references], batch_size)
     scores = query @ reference.T
     positives = np.zeros(scores.shape, dtype=bool)
     for i, pos in enumerate(split.positives):
         positives[i, pos] = True
     errors = None
-    q_lat = np.array([np.nan if q.lat is None else q.lat for q in split.queries], dtype=float)
-    q_lon = np.array([np.nan if q.lon is None else q.lon for q in split.queries], dtype=float)
-    r_lat = np.array([np.nan if r.lat is None else r.lat for r in split.references], dtype=float)
-    r_lon = np.array([np.nan if r.lon is None else r.lon for r in split.references], dtype=float)
+    q_lat, q_lon = _coordinates(split.queries)
+    r_lat, r_lon = _coordinates(split.references)
     if np.isfinite(q_lat).all() and np.isfinite(r_lat).all():
         top = scores.argmax(1)
         errors = geodesic_distance_m(r_lat[top], r_lon[top], q_lat, q_lon)

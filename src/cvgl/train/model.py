@@ -9,7 +9,6 @@ into an ordinary :class:`cvgl.models.encoder.Encoder` for one view.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -23,9 +22,8 @@ from cvgl.io import write_bytes_atomic
 from cvgl.models.backbone import DinoV2, LayerTokens, build_backbone
 from cvgl.models.encoder import IMAGENET_MEAN, IMAGENET_STD, Encoder, load_backbone
 from cvgl.models.trainable import HeadSpec, ViewHeads, set_trainable
-from cvgl.train.config import ModelConfig
-from cvgl.weights import TRAINED_EXPORT_FORMAT
-
+from cvgl.train.config import ModelConfig, model_config_from_dict, plain_dict
+from cvgl.weights import TRAINED_EXPORT_FORMAT, state_dict_sha256
 
 
 def head_spec(config: ModelConfig) -> HeadSpec:
@@ -85,29 +83,24 @@ def export_trained(model: GeoModel, path: Path, name: str = "gengeo", extra: dic
         "format": TRAINED_EXPORT_FORMAT,
         "name": name,
         "arch": model.arch,
-        "model": json.dumps(_model_dict(model.config)),
+        "model": json.dumps(plain_dict(model.config)),
         "extra": json.dumps(extra or {}),
     }
     return write_bytes_atomic(path, save_safetensors(state, metadata=meta))
 
 
-def _model_dict(config: ModelConfig) -> dict:
-    from dataclasses import asdict
-
-    return json.loads(json.dumps(asdict(config)))
-
-
 def load_trained(path: str | Path) -> tuple[GeoModel, str, str]:
-    """(model in eval mode, sha256 of the file, run name) from an export."""
+    """(model in eval mode, sha256 of its tensors, run name) from an export.
+
+    The hash is :func:`cvgl.weights.state_dict_sha256`, as for every other weights source, so an
+    index refuses any other model and accepts a copy of the same one.
+    """
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
             state = {key: handle.get_tensor(key) for key in handle.keys()}
-        fields = json.loads(meta["model"])
-        fields["query_size"] = tuple(fields["query_size"])
-        fields["reference_size"] = tuple(fields["reference_size"])
-        config = ModelConfig(**fields)
+        config = model_config_from_dict(json.loads(meta["model"]), f"{path} metadata")
         arch = meta["arch"]
         name = meta.get("name", "gengeo")
     except Exception as exc:  # noqa: BLE001
@@ -119,15 +112,7 @@ def load_trained(path: str | Path) -> tuple[GeoModel, str, str]:
     if missing or unexpected:
         raise WeightsError(f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.eval()
-    return model, _file_sha256(path), name
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return model, state_dict_sha256(state), name
 
 
 class ViewHead(nn.Module):
@@ -160,7 +145,7 @@ def encoder_from_model(model: GeoModel, view: str, weights_hash: str, name: str 
         "input_size": list(config.reference_size),
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
-        "head": {"trained": _model_dict(config)},
+        "head": {"trained": plain_dict(config)},
     }
     return Encoder(model.backbone, ViewHead(model.heads, view), size, identity=identity)
 

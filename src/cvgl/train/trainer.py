@@ -39,6 +39,7 @@ from cvgl.train.distributed import (
     init_from_env,
 )
 from cvgl.train.loss import SymmetricInfoNCE
+from cvgl.models.trainable import eval_mode
 from cvgl.train.model import build_model, encoder_from_model, export_trained
 
 CHECKPOINT = "checkpoint.pt"
@@ -148,14 +149,20 @@ class Trainer:
         )
         self.state = TrainState()
         self._tb = None
-        self._init_netvlad()
         # Build the evaluation protocol now: its photos are made once, and every module it needs
         # is imported before training starts (not half-way through a long run).
+        # The test split is read once here too, not again at every evaluation.
         self._evaluator = None
-        if config.eval.protocol == "longmont" and self.world.is_main:
-            from cvgl.train.evaluation import LongmontProtocol
+        self._test_split = None
+        if self.world.is_main:
+            if config.eval.protocol == "longmont":
+                from cvgl.train.evaluation import LongmontProtocol
 
-            self._evaluator = LongmontProtocol(config.eval.per_family, config.eval.families, seed=0)
+                self._evaluator = LongmontProtocol(config.eval.per_family, config.eval.families, seed=0)
+            else:
+                from cvgl.train.data import test_split
+
+                self._test_split = test_split(config, self.out)
 
     @torch.no_grad()
     def _init_netvlad(self, images: int = 64) -> None:
@@ -176,10 +183,8 @@ class Trainer:
             half = len(pick) // 2
             paths = [self.split.queries[pairs[i][0]].path for i in pick[:half]] + paths[half:]
         batch = torch.stack([load_resized(path, size) for path in paths])
-        was = self.model.training
-        self.model.eval()
-        patches = self.model.tokens(batch).patches  # [B, C, h, w]
-        self.model.train(was)
+        with eval_mode(self.model):
+            patches = self.model.tokens(batch).patches  # [B, C, h, w]
         features = patches.permute(0, 2, 3, 1).reshape(-1, patches.shape[1])
         for head in heads:
             head.init_from_features(features, seed=self.config.seed)
@@ -280,6 +285,8 @@ class Trainer:
         if resume and self.load_checkpoint():
             self._trim_log()
             self.log({"event": "resumed", "step": self.state.step, "epoch": self.state.epoch})
+        else:
+            self._init_netvlad()  # a resumed run has its centroids in the checkpoint
         self._open_tensorboard()
         started = time.time()
         steps_this_call = 0
@@ -349,23 +356,16 @@ class Trainer:
     @torch.inference_mode()
     def _refresh_similarity(self) -> None:
         """Dynamic Similarity Sampling: re-encode every training pair (each process a share)."""
-        from cvgl.data.datasets.common import load_resized
+        from cvgl.train.evaluation import encode_paths
 
-        self.model.eval()
         pairs = self.split.pairs()
         mine = list(range(self.world.rank, len(pairs), self.world.size))
-        q_rows, r_rows = [], []
         batch = max(2, self.config.optim.batch_size)
-        for start in range(0, len(mine), batch):
-            chunk = mine[start : start + batch]
-            q = torch.stack([load_resized(self.split.queries[pairs[i][0]].path, self.config.model.query_size) for i in chunk])
-            r = torch.stack([load_resized(self.split.references[pairs[i][1]].path, self.config.model.reference_size) for i in chunk])
-            q_rows.append(self.model.encode(q, "query").float().numpy())
-            r_rows.append(self.model.encode(r, "reference").float().numpy())
-        order = np.array(mine, dtype=np.int64)
-        q_desc = np.concatenate(q_rows) if q_rows else np.zeros((0, 1), np.float32)
-        r_desc = np.concatenate(r_rows) if r_rows else np.zeros((0, 1), np.float32)
-        order = gather_numpy_rows(order, self.world)
+        with eval_mode(self.model):
+            query, reference = self.encoders()
+            q_desc = encode_paths(query, [self.split.queries[pairs[i][0]].path for i in mine], batch)
+            r_desc = encode_paths(reference, [self.split.references[pairs[i][1]].path for i in mine], batch)
+        order = gather_numpy_rows(np.array(mine, dtype=np.int64), self.world)
         q_desc = gather_numpy_rows(q_desc, self.world)
         r_desc = gather_numpy_rows(r_desc, self.world)
         table = None
@@ -376,13 +376,12 @@ class Trainer:
             table = similarity_neighbours(q_desc[inverse], r_desc[inverse], self.sampler.dss_K)
         # One table for every rank, so all build the same global batches.
         self.sampler.set_similarity_table(broadcast_object(table, self.world))
-        self.model.train()
 
     def encoders(self):
-        """(query encoder, reference encoder) sharing this model's modules, in eval mode."""
+        """(query encoder, reference encoder) sharing this model's modules (use under eval_mode)."""
         query = encoder_from_model(self.model, "query", self.weights_hash, self.config.name)
         reference = encoder_from_model(self.model, "reference", self.weights_hash, self.config.name)
-        return query.eval(), reference.eval()
+        return query, reference
 
     def evaluate(self) -> dict:
         """Run the configured protocol on the main process; others wait. Logged and kept in history."""
@@ -390,25 +389,17 @@ class Trainer:
         if self.world.is_main:
             from cvgl.train.evaluation import evaluate_split
 
-            was_training = self.model.training
-            self.model.eval()
             started = time.time()
-            query, reference = self.encoders()
-            if self._evaluator is not None:
-                metrics = self._evaluator.evaluate(query, reference)
-            else:
-                from cvgl.train.data import test_split
-
-                metrics = evaluate_split(query, reference, test_split(self.config, self.out))
-            self.model.train(was_training)
+            with eval_mode(self.model):
+                query, reference = self.encoders()
+                if self._evaluator is not None:
+                    metrics = self._evaluator.evaluate(query, reference)
+                else:
+                    metrics = evaluate_split(query, reference, self._test_split)
             result = {"epoch": self.state.epoch, "step": self.state.step, "eval_seconds": round(time.time() - started, 1), "metrics": metrics}
             self.state.history.append(result)
             self.log({"event": "eval", **result})
         barrier(self.world)
         return result
 
-
-def train(config: TrainConfig, out_dir: Path | None = None, resume: bool = True) -> dict:
-    """Build a :class:`Trainer` from ``config`` and run it to the end."""
-    return Trainer(config, out_dir).fit(resume=resume)
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from cvgl.io import write_bytes_atomic
+from cvgl.models.trainable import eval_mode
 
 
 @dataclass
@@ -35,6 +36,12 @@ Region = tuple[float, float, float, float]  # top, bottom, left, right as fracti
 CENTRE: Region = (0.25, 0.75, 0.25, 0.75)
 
 
+def _span(low: float, high: float, n: int) -> slice:
+    """Cells ``[low, high)`` of ``n`` as fractions, at least one cell."""
+    start = int(round(low * n))
+    return slice(start, max(int(round(high * n)), start + 1))
+
+
 def _view(model, image: torch.Tensor, view: str, region: Region) -> ViewAssignment:
     from cvgl.models.salad import Salad
 
@@ -46,8 +53,7 @@ def _view(model, image: torch.Tensor, view: str, region: Region) -> ViewAssignme
     keep = 1.0 - assigned.dustbin_weight[0]
     h, w = keep.shape
     top, bottom, left, right = region
-    rows = slice(int(round(top * h)), max(int(round(bottom * h)), int(round(top * h)) + 1))
-    cols = slice(int(round(left * w)), max(int(round(right * w)), int(round(left * w)) + 1))
+    rows, cols = _span(top, bottom, h), _span(left, right, w)
     probs = assigned.cluster_probs[0][:, rows, cols].flatten(1)  # [M, tokens in the region]
     clusters = (probs / probs.sum(0, keepdim=True).clamp_min(1e-12)).mean(1)
     return ViewAssignment(
@@ -64,13 +70,9 @@ def assignment_summary(model, query: torch.Tensor, reference: torch.Tensor, regi
     ``query``/``reference``: float ``[3, H, W]`` in [0, 1] at the model's input sizes.
     ``cluster_overlap`` is the histogram intersection of the two distributions (1 = identical).
     """
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         q = _view(model, query, "query", region)
         r = _view(model, reference, "reference", region)
-    finally:
-        model.train(was)
     return {"query": q, "reference": r, "cluster_overlap": float(np.minimum(q.clusters, r.clusters).sum())}
 
 
