@@ -157,6 +157,20 @@ def load_image(path: str | Path) -> Image.Image:
     return _to_rgb(upright, p)
 
 
+def image_to_tensor(image: Image.Image, size: tuple[int, int]):
+    """An RGB PIL image as a float ``[3, H, W]`` tensor in [0, 1] at ``size`` (H, W), bicubic.
+
+    The one resize used for encoding and for training batches, so both see the same pixels.
+    """
+    import torch
+
+    height, width = size
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.BICUBIC)
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
 def _check_file(p: Path) -> None:
     """Catch missing, folder and empty paths before Pillow turns them into vaguer errors."""
     if not p.exists():

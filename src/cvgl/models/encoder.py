@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from cvgl.data.images import image_to_tensor
 from cvgl.errors import WeightsError
 from cvgl.models.backbone import PATCH, DinoV2, build_backbone
 from cvgl.models.heads import PoolingHead
@@ -66,12 +67,7 @@ class Encoder(nn.Module):
     def to_tensor(self, image: np.ndarray | Image.Image) -> torch.Tensor:
         """HxWx3 uint8 (or PIL) -> ``[3, H, W]`` float in [0, 1] at the encoder's input size."""
         pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
-        pil = pil.convert("RGB")
-        height, width = self.input_size
-        if pil.size != (width, height):
-            pil = pil.resize((width, height), Image.BICUBIC)
-        array = np.asarray(pil, dtype=np.float32) / 255.0
-        return torch.from_numpy(array).permute(2, 0, 1)
+        return image_to_tensor(pil.convert("RGB"), self.input_size)
 
     @torch.inference_mode()
     def encode(self, images: Iterable[np.ndarray | Image.Image], batch_size: int = 16) -> np.ndarray:

@@ -26,10 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from cvgl.data.images import load_image
+from cvgl.data.images import image_to_tensor, load_image
 from cvgl.errors import InputError
 
 __all__ = [
@@ -131,12 +130,7 @@ def load_resized(path: Path, size: tuple[int, int]) -> torch.Tensor:
     Loading goes through :func:`cvgl.data.images.load_image`, so a missing or corrupt file raises
     a one-line :class:`InputError` naming it (inside a DataLoader worker too).
     """
-    height, width = size
-    image = load_image(path)
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.BICUBIC)
-    array = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+    return image_to_tensor(load_image(path), size)
 
 
 def _nan_if_none(value: float | None) -> float:
