@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from cvgl.data.metadata import CameraMetadata, write_camera_metadata
@@ -81,3 +83,16 @@ def test_portrait_photo_uses_the_long_side_field_of_view(tmp_path: Path) -> None
         sizes[name] = query.hypotheses[0].image.shape[:2]
     # no padding, no cropping beyond the photo: the scaled short sides must agree
     assert sizes["land"] == sizes["port"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([-np.inf, -1.0, 0.0, 0.5, 0.5, 2.0]), min_size=1, max_size=40))
+def test_ranked_tiles_equals_the_filtered_full_sort(values):
+    """Sorting only the scored tiles gives the full stable sort with the -inf tiles dropped."""
+    from cvgl.locate import ranked_tiles
+
+    scores = np.array(values)
+    full = np.argsort(-scores, kind="stable")
+    ranked, scored = ranked_tiles(scores)
+    np.testing.assert_array_equal(ranked, full[np.isfinite(scores[full])])
+    np.testing.assert_array_equal(np.arange(len(scores))[scored], np.flatnonzero(np.isfinite(scores)))

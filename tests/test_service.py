@@ -261,3 +261,21 @@ def test_benchmark_upload_body_is_what_a_browser_sends(client: TestClient, serve
     by_hand = client.post("/locate", content=body, headers={"Content-Type": content_type})
     assert by_hand.status_code == 200, by_hand.text
     assert by_hand.json() == _post(client, photo.read_bytes(), photo.name).json()
+
+
+def test_heatmap_of_a_searched_index_is_finite_json(served, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A searched index scores only its candidates; the rest (-inf) stay out of the heatmap (and JSON)."""
+    import math
+
+    import cvgl.locate
+
+    index, encoder, photo = served
+    monkeypatch.setattr(cvgl.locate, "DENSE_MAX", 0)  # search it like a large index
+    searched = TestClient(create_app(index, encoder, max_upload_mb=1.0, options=LocateOptions(candidates=5)))
+    response = _post(searched, photo.read_bytes(), photo.name, query=f"?heatmap={len(index)}")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    heat = body["heatmap"]
+    assert 0 < len(heat) < len(index) and all(math.isfinite(h["score"]) for h in heat)
+    assert [h["score"] for h in heat] == sorted((h["score"] for h in heat), reverse=True)
+    assert body["top_k_rows"] == [h["row"] for h in heat[: len(body["top_k"])]]

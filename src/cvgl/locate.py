@@ -197,17 +197,29 @@ def softmax(x: np.ndarray, temperature: float) -> np.ndarray:
     return e / e.sum()
 
 
+def ranked_tiles(tile_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray | slice]:
+    """(scored tiles best first, which tiles are scored) for per-tile scores.
+
+    A searched index or a geographic prior leaves unscored tiles at -inf: they are never ranked,
+    and only the finite scores are sorted (ties keep tile order), not all N tiles. The second
+    value indexes the scored tiles (``slice(None)`` when every tile is scored).
+    """
+    finite = np.isfinite(tile_scores)
+    scored = slice(None) if finite.all() else np.flatnonzero(finite)
+    rows = np.arange(len(tile_scores))[scored]
+    return rows[np.argsort(-tile_scores[scored], kind="stable")], scored
+
+
 def answer(
     query: PreparedQuery, tile_scores: np.ndarray, best_hypothesis: np.ndarray, index: ReferenceIndex, options: LocateOptions
 ) -> dict:
     """Turn per-tile scores into the JSON answer (position, confidence, evidence)."""
     tiles = index.tiles
     lat, lon = tiles["lat"].to_numpy(), tiles["lon"].to_numpy()
-    order = np.argsort(-tile_scores, kind="stable")[: options.top_k]
-    order = order[np.isfinite(tile_scores[order])]  # a searched index or a prior leaves -inf tiles
+    ranked, scored = ranked_tiles(tile_scores)
+    order = ranked[: options.top_k]
     best = int(order[0])
     radius = (index.manifest.get("tile_m") or DEFAULT_TILE_M) / math.sqrt(2.0)  # the tile half-diagonal
-    scored = slice(None) if np.isfinite(tile_scores).all() else np.flatnonzero(np.isfinite(tile_scores))
     s_lat, s_lon = lat[scored], lon[scored]  # only scored tiles take part (see module doc)
     weights = softmax(tile_scores[scored], options.temperature)
     near = geodesic_distance_m(lat[best], lon[best], s_lat, s_lon) <= radius

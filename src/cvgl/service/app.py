@@ -48,7 +48,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from cvgl.index.store import ReferenceIndex
-from cvgl.locate import VIEWS, LocateOptions, locate_images
+from cvgl.locate import VIEWS, LocateOptions, locate_images, ranked_tiles
 from cvgl.models.encoder import Encoder
 from cvgl.report import tile_image
 
@@ -193,10 +193,9 @@ def _options(form: dict[str, str], base: LocateOptions) -> LocateOptions:
     return replace(base, **changes)
 
 
-def _heatmap(scores: np.ndarray, index: ReferenceIndex, n: int) -> list[dict]:
-    order = np.argsort(-scores, kind="stable")[:n]
+def _heatmap(rows: np.ndarray, scores: np.ndarray, index: ReferenceIndex) -> list[dict]:
     lat, lon = index.tiles["lat"].to_numpy(), index.tiles["lon"].to_numpy()
-    return [{"row": int(i), "lat": float(lat[i]), "lon": float(lon[i]), "score": float(scores[i])} for i in order]
+    return [{"row": int(i), "lat": float(lat[i]), "lon": float(lon[i]), "score": float(scores[i])} for i in rows]
 
 
 def create_app(
@@ -284,9 +283,11 @@ def create_app(
         if "error" in result:
             raise HTTPException(422, result["error"])
         if heatmap and scores is not None:
-            result["heatmap"] = _heatmap(scores, index, heatmap)
-            # the same stable order as ``answer`` ranks top_k in
-            result["top_k_rows"] = [int(i) for i in np.argsort(-scores, kind="stable")[: len(result["top_k"])]]
+            # The ranking ``answer`` used for top_k: scored tiles only (a searched index leaves the
+            # others at -inf, which JSON cannot carry), sorted once.
+            ranked, _ = ranked_tiles(scores)
+            result["heatmap"] = _heatmap(ranked[:heatmap], scores, index)
+            result["top_k_rows"] = [int(i) for i in ranked[: len(result["top_k"])]]
         return result
 
     return app
