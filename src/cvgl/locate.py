@@ -275,10 +275,14 @@ def dense_scoring(index: ReferenceIndex) -> bool:
 
 
 def hypothesis_scores(
-    index: ReferenceIndex, desc: np.ndarray, alignment, options: LocateOptions, allowed: np.ndarray | None
+    index: ReferenceIndex, desc: np.ndarray, alignment, options: LocateOptions, allowed: np.ndarray | None,
+    prior: tuple | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-tile best score over a photo's hypotheses ``[N]`` (``-inf`` = not scored) and which
-    hypothesis gave it: dense for small flat indexes, else backend candidates re-scored exactly."""
+    hypothesis gave it: dense for small flat indexes, else backend candidates re-scored exactly.
+
+    ``allowed``: rows inside the geographic prior (None: no prior); ``prior``: that prior in the
+    backend's terms (:meth:`ReferenceIndex.prior`), passed by callers that score many photos."""
     if dense_scoring(index):
         scores = index.scores(desc, alignment)
         if allowed is not None:
@@ -286,9 +290,9 @@ def hypothesis_scores(
             masked[:, allowed] = scores[:, allowed]
             scores = masked
         return best_over_hypotheses(scores)
-    near = options.near if allowed is not None else None
-    radius = options.radius_km if allowed is not None else None
-    _, rows = index.search(desc, options.candidates, near=near, radius_km=radius)
+    if prior is None:
+        prior = index.prior(options.near, options.radius_km) if allowed is not None else (None, None)
+    _, rows = index.search(desc, options.candidates, prior=prior)
     pool = np.unique(rows[rows >= 0])
     exact = alignment.apply(desc, "query") @ alignment.apply(index.raw[pool], "reference").T  # [H, pool]
     tile_scores = np.full(len(index), -np.inf, dtype=np.float32)
@@ -331,11 +335,10 @@ def locate_images(
     good = [d for d in descriptors if d is not None]
     if options.batch_alignment and len(good) >= MIN_BATCH_ALIGNMENT:
         alignment = fit_alignment(options.batch_alignment, index.raw, queries=np.concatenate(good))
+    prior = index.prior(options.near, options.radius_km)  # once for every photo, not per search
     allowed = None
-    if options.near is not None or options.radius_km is not None:
-        if options.near is None or options.radius_km is None:
-            raise InputError("a geographic prior needs both near (lat, lon) and radius_km")
-        allowed = index.allowed_rows(options.near, options.radius_km)
+    if options.near is not None:
+        allowed = prior[0] if prior[0] is not None else index.allowed_rows(options.near, options.radius_km)
         if len(allowed) == 0:
             raise InputError(f"{index.path}: no tile within {options.radius_km:g} km of {options.near[0]:.6f},{options.near[1]:.6f}")
 
@@ -346,7 +349,7 @@ def locate_images(
             results.append({"query": str(paths[i]), "error": errors[i]})
             all_scores.append(None)
             continue
-        tile_scores, best_hyp = hypothesis_scores(index, desc, alignment, options, allowed)
+        tile_scores, best_hyp = hypothesis_scores(index, desc, alignment, options, allowed, prior)
         result = answer(query, tile_scores, best_hyp, index, options)
         result["alignment"] = alignment.kind
         results.append(result)

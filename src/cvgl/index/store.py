@@ -84,25 +84,33 @@ class ReferenceIndex:
         dist = geodesic_distance_m(lat0, lon0, lat[box], lon[box])
         return box[np.asarray(dist) <= radius_km * 1000.0].astype(np.int64)
 
+    def prior(self, near: tuple[float, float] | None, radius_km: float | None
+              ) -> tuple[np.ndarray | None, tuple[float, float, float] | None]:
+        """A geographic prior in the backend's terms: ``(allowed rows, None)`` for faiss,
+        ``(None, (lat, lon, radius_m))`` for a backend that filters natively (Qdrant), and
+        ``(None, None)`` without one. Compute it once to search many times with it."""
+        if (near is None) != (radius_km is None):
+            raise InputError("a geographic prior needs both near=(lat, lon) and radius_km")
+        if near is None:
+            return None, None
+        if self.backend.native_geo:
+            return None, (float(near[0]), float(near[1]), float(radius_km) * 1000.0)
+        return self.allowed_rows(near, radius_km), None
+
     def search(self, queries: np.ndarray, k: int, near: tuple[float, float] | None = None,
-               radius_km: float | None = None, alignment: Alignment | None = None
+               radius_km: float | None = None, alignment: Alignment | None = None,
+               prior: tuple[np.ndarray | None, tuple[float, float, float] | None] | None = None,
                ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, rows) for raw query descriptors ``[Q, D]`` (rows -1 when fewer qualify).
 
         ``near`` + ``radius_km``: only tiles within that radius (Qdrant: its GeoRadius payload
-        filter; faiss: the allowed rows). ``alignment`` (e.g. a locate-time batch alignment)
-        re-scores the backend's candidates exactly — for a flat index with the stored alignment
-        that changes nothing; otherwise ``RERANK_POOL`` candidates per query are re-ranked."""
-        if (near is None) != (radius_km is None):
-            raise InputError("a geographic prior needs both near=(lat, lon) and radius_km")
+        filter; faiss: the allowed rows); ``prior``: the same, already computed by :meth:`prior`.
+        ``alignment`` (e.g. a locate-time batch alignment) re-scores the backend's candidates
+        exactly — for a flat index with the stored alignment that changes nothing; otherwise
+        ``RERANK_POOL`` candidates per query are re-ranked."""
+        allowed, geo = prior if prior is not None else self.prior(near, radius_km)
         k = min(k, len(self))  # never more columns than tiles; -1 padding only when a filter leaves fewer
         aligned = np.ascontiguousarray(self.alignment.apply(queries, "query"))
-        allowed = geo = None
-        if near is not None:
-            if self.backend.native_geo:
-                geo = (float(near[0]), float(near[1]), float(radius_km) * 1000.0)
-            else:
-                allowed = self.allowed_rows(near, radius_km)
         if alignment is None or alignment is self.alignment:
             return self.backend.search(aligned, k, allowed=allowed, geo=geo)
         _, candidates = self.backend.search(aligned, max(k, RERANK_POOL), allowed=allowed, geo=geo)
