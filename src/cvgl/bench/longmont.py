@@ -45,6 +45,7 @@ from cvgl.zeroshot.alignment import fit_alignment
 
 SPEC = TilingSpec(tile_m=112.0, stride_m=56.0, gsd_m=0.5)
 JITTER = (0.8, 1.25)
+RADIUS_M = SPEC.tile_m / math.sqrt(2)  # correct at k: a top-k tile centre within the tile half-diagonal
 
 
 def families() -> list[QueryFamily]:
@@ -97,14 +98,36 @@ def protocol_a(methods: Methods, ref: Reference, seed: int, n: int) -> list[str]
     return lines
 
 
-def _encode_family(methods: Methods, queries, folder: Path, options: LocateOptions, with_random: bool = True) -> dict:
+def east_west() -> tuple[float, float, float]:
+    """(west edge, mid easting, east edge) of the query scene: the spatial split of protocol B."""
+    left, _, right, _ = raster_info(longmont_scene("wv2")).bounds
+    return left, (left + right) / 2, right
+
+
+def prepare_family(queries, folder: Path, options: LocateOptions) -> dict:
+    """Photos as ``cvgl locate`` prepares them: every hypothesis image, the photo it belongs to
+    (``owner``), and each photo's true centre."""
     prepared = [prepare_query(write_query_photo(q, folder), options, SPEC.tile_m, SPEC.gsd_m) for q in queries]
     return dict(
-        desc=methods.encode([h.image for p in prepared for h in p.hypotheses], with_random=with_random),
+        images=[h.image for p in prepared for h in p.hypotheses],
         owner=np.concatenate([[i] * len(p.hypotheses) for i, p in enumerate(prepared)]),
         lat=np.array([q.center_lat for q in queries]),
         lon=np.array([q.center_lon for q in queries]),
     )
+
+
+def score_family(query: np.ndarray, reference: np.ndarray, ref_lat: np.ndarray, ref_lon: np.ndarray,
+                 family: dict) -> tuple[dict[int, float], np.ndarray]:
+    """({k: R@k}, top-1 error in metres per photo): a photo scores its best hypothesis per tile."""
+    top = top_k_per_query(query, reference, family["owner"], len(family["lat"]))
+    recall = recall_at_k_by_distance(ref_lat[top], ref_lon[top], family["lat"], family["lon"], RADIUS_M)
+    error = geodesic_distance_m(ref_lat[top[:, 0]], ref_lon[top[:, 0]], family["lat"], family["lon"])
+    return recall, error
+
+
+def _encode_family(methods: Methods, queries, folder: Path, options: LocateOptions, with_random: bool = True) -> dict:
+    family = prepare_family(queries, folder, options)
+    return dict(desc=methods.encode(family.pop("images"), with_random=with_random), **family)
 
 
 def _first_hypotheses(owner: np.ndarray) -> np.ndarray:
@@ -122,9 +145,7 @@ def _anchors(fams: list[dict], name: str, ref: Reference) -> tuple[np.ndarray, n
 
 
 def protocol_b(methods: Methods, ref: Reference, seed: int, n: int, fit_n: int) -> tuple[list[str], dict]:
-    info = raster_info(longmont_scene("wv2"))
-    left, _, right, _ = info.bounds
-    mid = (left + right) / 2
+    left, mid, right = east_west()
     options = LocateOptions()
     test: dict[str, dict] = {}
     fit: list[dict] = []
@@ -135,7 +156,6 @@ def protocol_b(methods: Methods, ref: Reference, seed: int, n: int, fit_n: int) 
             if family.heading_known:  # the fitting side: west half, one hypothesis per photo
                 west = make_queries(longmont_scene("wv2"), fit_n, family, seed=seed * 100 + 50 + k, x_range=(left, mid))
                 fit.append(_encode_family(methods, west, Path(tmp), options))
-    radius = SPEC.tile_m / math.sqrt(2)
     lines = ["| descriptor | alignment | " + " | ".join(test) + " |", "|---|---|" + "---|" * len(test)]
     best: dict = {}
     for name in ref.desc:
@@ -155,9 +175,7 @@ def protocol_b(methods: Methods, ref: Reference, seed: int, n: int, fit_n: int) 
             reference = alignment.apply(ref.desc[name], "reference")
             cells, r1 = [], []
             for f in test.values():
-                top = top_k_per_query(alignment.apply(f["desc"][name], "query"), reference, f["owner"], len(f["lat"]))
-                rec = recall_at_k_by_distance(ref.lat[top], ref.lon[top], f["lat"], f["lon"], radius)
-                err = geodesic_distance_m(ref.lat[top[:, 0]], ref.lon[top[:, 0]], f["lat"], f["lon"])
+                rec, err = score_family(alignment.apply(f["desc"][name], "query"), reference, ref.lat, ref.lon, f)
                 cells.append(f"{rec[1]:.2f} / {rec[5]:.2f} / {rec[10]:.2f} / {np.median(err):.0f}")
                 r1.append(rec[1])
             lines.append(f"| {name} | {align_name} | " + " | ".join(cells) + " |")
@@ -170,11 +188,10 @@ def protocol_resolution(seed: int, n: int) -> list[str]:
     """224 vs 448 px input for two descriptors on the heading-known families (same photos)."""
     heads = {k: PRESETS[k].head for k in ("cls", "gem-l8", "vfmloc-ref")}
     rows = []
-    info = raster_info(longmont_scene("wv2"))
-    mid = (info.bounds[0] + info.bounds[2]) / 2
+    _, mid, right = east_west()
     known = [f for f in families() if f.heading_known]
     with tempfile.TemporaryDirectory() as tmp:
-        queries = {f.name: make_queries(longmont_scene("wv2"), n, f, seed=seed * 100 + k, x_range=(mid, info.bounds[2])) for k, f in enumerate(known)}
+        queries = {f.name: make_queries(longmont_scene("wv2"), n, f, seed=seed * 100 + k, x_range=(mid, right)) for k, f in enumerate(known)}
         for size in (224, 448):
             methods = Methods(seed, heads=heads, random_heads={}, size=(size, size))
             ref = Reference(methods)
@@ -184,8 +201,7 @@ def protocol_resolution(seed: int, n: int) -> list[str]:
             for name in heads:
                 cells = []
                 for f in fams.values():
-                    top = top_k_per_query(f["desc"][name], ref.desc[name], f["owner"], len(f["lat"]))
-                    rec = recall_at_k_by_distance(ref.lat[top], ref.lon[top], f["lat"], f["lon"], SPEC.tile_m / math.sqrt(2))
+                    rec, _ = score_family(f["desc"][name], ref.desc[name], ref.lat, ref.lon, f)
                     cells.append(f"{rec[1]:.2f} / {rec[5]:.2f} / {rec[10]:.2f}")
                 rows.append(f"| {name} | {size} | " + " | ".join(cells) + f" | {seconds:.0f} |")
     header = ["| descriptor | input px | " + " | ".join(queries) + " | query encode s |", "|---|---|" + "---|" * (len(queries) + 1)]

@@ -14,14 +14,13 @@ trained row go through the same code.
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cvgl.evaluate import hit_rate, recall_at_k_by_distance, summarize
+from cvgl.evaluate import hit_rate, summarize
 from cvgl.geo import geodesic_distance_m
 from cvgl.models.encoder import Encoder
 
@@ -78,50 +77,43 @@ def longmont_families(names: list[str] | None = None):
 
 
 class LongmontProtocol:
-    """East-half drone protocol of ``cvgl bench longmont``; photos are made once and reused."""
+    """East-half drone protocol of ``cvgl bench longmont``; photos are made once and reused.
+
+    Built from that benchmark's own pieces (families, seeds, split, photo preparation and
+    scoring), so trained and zero-shot rows see exactly its photos and correctness radius.
+    """
 
     def __init__(self, per_family: int = 50, families: list[str] | None = None, seed: int = 0) -> None:
-        from cvgl.bench.longmont import SPEC, families as all_families
-        from cvgl.data.raster import iter_tiles, raster_info
+        from cvgl.bench.longmont import SPEC, east_west, prepare_family
+        from cvgl.bench.longmont import families as all_families
+        from cvgl.data.raster import iter_tiles
         from cvgl.data.samples import longmont_scene
-        from cvgl.data.synthetic import make_queries, write_query_photo
-        from cvgl.locate import LocateOptions, prepare_query
+        from cvgl.data.synthetic import make_queries
+        from cvgl.locate import LocateOptions
 
-        self.spec = SPEC
         self.tiles = list(iter_tiles(longmont_scene("wv3"), SPEC))
         self.lat = np.array([t.lat for t in self.tiles])
         self.lon = np.array([t.lon for t in self.tiles])
-        left, _, right, _ = raster_info(longmont_scene("wv2")).bounds
-        mid = (left + right) / 2
+        _, mid, right = east_west()
         wanted = {f.name for f in longmont_families(families)}
         self.families: dict[str, dict] = {}
         with tempfile.TemporaryDirectory() as tmp:
             # Same seeds as cvgl.bench.longmont.protocol_b: k indexes the full family list.
             for k, family in enumerate(all_families()):
-                if family.name not in wanted:
-                    continue
-                queries = make_queries(longmont_scene("wv2"), per_family, family, seed=seed * 100 + k, x_range=(mid, right))
-                prepared = [prepare_query(write_query_photo(q, Path(tmp)), LocateOptions(), SPEC.tile_m, SPEC.gsd_m) for q in queries]
-                self.families[family.name] = dict(
-                    images=[h.image for p in prepared for h in p.hypotheses],
-                    owner=np.concatenate([[i] * len(p.hypotheses) for i, p in enumerate(prepared)]),
-                    lat=np.array([q.center_lat for q in queries]),
-                    lon=np.array([q.center_lon for q in queries]),
-                )
+                if family.name in wanted:
+                    queries = make_queries(longmont_scene("wv2"), per_family, family, seed=seed * 100 + k, x_range=(mid, right))
+                    self.families[family.name] = prepare_family(queries, Path(tmp), LocateOptions())
 
     @torch.inference_mode()
     def evaluate(self, query_encoder: Encoder, reference_encoder: Encoder, batch_size: int = 32) -> dict[str, dict[str, float]]:
         """Per family: R@1, R@5, R@10 (a top-k tile centre within the tile half-diagonal) and median metres."""
-        from cvgl.bench.common import top_k_per_query
+        from cvgl.bench.longmont import score_family
 
         reference = reference_encoder.encode([t.image for t in self.tiles], batch_size=batch_size)
-        radius = self.spec.tile_m / math.sqrt(2)
         out: dict[str, dict[str, float]] = {}
         for name, family in self.families.items():
             query = query_encoder.encode(family["images"], batch_size=batch_size)
-            top = top_k_per_query(query, reference, family["owner"], len(family["lat"]))
-            recall = recall_at_k_by_distance(self.lat[top], self.lon[top], family["lat"], family["lon"], radius)
-            err = geodesic_distance_m(self.lat[top[:, 0]], self.lon[top[:, 0]], family["lat"], family["lon"])
+            recall, err = score_family(query, reference, self.lat, self.lon, family)
             out[name] = {"R@1": recall[1], "R@5": recall[5], "R@10": recall[10], "median_error_m": float(np.median(err))}
         out["mean"] = {key: float(np.mean([f[key] for f in out.values()])) for key in ("R@1", "R@5", "R@10", "median_error_m")}
         return out
