@@ -167,3 +167,16 @@ def emit_section(text: str, out: Path | None) -> int:
     if out is not None:
         write_text_atomic(out, text)
     return 0
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    """A Markdown table as lines: header, rule, one line per row (cells through ``str``)."""
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return out + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def log(message: str) -> None:
+    """Progress of a long benchmark: a timestamped line on stderr (stdout carries the section)."""
+    import sys
+
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)

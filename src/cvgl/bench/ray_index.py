@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cvgl.bench.common import emit_section, machine_line
+from cvgl.bench.common import emit_section, log, machine_line
 
 
 @dataclass
@@ -85,24 +85,24 @@ def measure(quick: bool, workers: int, shard_size: int, log) -> Result:
     default_threads = torch.get_num_threads()
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="cvgl-bench-ray-") as tmp:
-        def timed(name: str, out: str, **kwargs) -> Path:
+        def timed(name: str, out: str, **kwargs):
             log(f"{name} ...")
             load = _load()
             t0 = time.perf_counter()
             path = build_index(source, Path(tmp) / out, encoder, spec, progress=False, shard_size=shard_size, **kwargs)
-            rows.append(Row(name, len(open_index(path)), time.perf_counter() - t0, load))
-            log(f"{name}: {rows[-1].seconds:.1f} s")
-            return path
+            seconds = time.perf_counter() - t0  # the build only: opening the result is not timed
+            index = open_index(path)
+            rows.append(Row(name, len(index), seconds, load))
+            log(f"{name}: {seconds:.1f} s")
+            return index
 
-        in_process = timed(f"in process, {default_threads} torch threads", "local")
+        a = timed(f"in process, {default_threads} torch threads", "local")
         torch.set_num_threads(1)
-        single = timed("in process, 1 torch thread", "local1")
+        b = timed("in process, 1 torch thread", "local1")
         torch.set_num_threads(default_threads)
         log("starting Ray ...")
         with ray_session("auto", workers) as startup_s:
-            ray_path = timed(f"Ray Data, {workers} actors x 1 thread (local instance)", "ray",
-                             ray=RayOptions(recipe, "auto", workers))
-        a, b, c = (open_index(p) for p in (in_process, single, ray_path))
+            c = timed(f"Ray Data, {workers} actors x 1 thread (local instance)", "ray", ray=RayOptions(recipe, "auto", workers))
         return Result(
             rows=rows, startup_s=startup_s, model_load_s=model_load_s,
             same_tiles=a.tiles.equals(c.tiles) and b.tiles.equals(c.tiles),
@@ -197,9 +197,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-
-    def log(message: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
     shard_size = min(args.shard_size, 16) if args.quick else args.shard_size
     return emit_section(render(measure(args.quick, args.workers, shard_size, log)), args.out)

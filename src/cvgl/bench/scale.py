@@ -48,7 +48,7 @@ from typing import Self
 
 import numpy as np
 
-from cvgl.bench.common import emit_section
+from cvgl.bench.common import emit_section, log, markdown_table
 
 # ----------------------------------------------------------------------------------------------
 # Structured descriptors (a Gaussian mixture; real descriptors grown by perturbation)
@@ -400,11 +400,6 @@ class Config:
     weights: str = "embedded"
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    return out + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-
-
 def _mb(nbytes: float | None) -> str:
     return "-" if nbytes is None else f"{nbytes / 2**20:,.0f}"
 
@@ -468,7 +463,7 @@ def run(config: Config, argv: Sequence[str], log: Callable[[str], None]) -> str:
         "vectors (rerank=1: quantised scores alone). 'match at 1 / in top-10' and 'median rank' (within the top 100) locate the "
         "known true match."), "",
     ]
-    lines += _table(["N", "index", "params", "build s", "index MB", "peak RSS +MB", "RSS after +MB",
+    lines += markdown_table(["N", "index", "params", "build s", "index MB", "peak RSS +MB", "RSS after +MB",
                      "median ms (b1)", "p99 ms (b1)", "recall@10 vs exact", "match at 1", "match in top-10",
                      "median rank"], rows)
     lines += ["", *notes, "",
@@ -507,9 +502,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.types = tuple(t.strip() for t in args.types.split(",") if t.strip())
     if args.queries:
         config.queries = args.queries
-
-    def log(msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     return emit_section(run(config, argv, log), args.out)
 

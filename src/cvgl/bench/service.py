@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cvgl.bench.common import emit_section, machine_line
+from cvgl.bench.common import emit_section, log, machine_line
 
 TILING = (112.0, 56.0, 0.5)  # tile_m, stride_m, gsd_m
 PHOTO_PX = 224
@@ -238,9 +238,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-
-    def log(msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     text = run(args.requests, args.concurrency, args.in_process_runs, args.weights, args.threads, argv, log)
     return emit_section(text, args.out)

@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cvgl.bench.common import cpu_model, emit_section
+from cvgl.bench.common import cpu_model, emit_section, log, markdown_table
 
 # ----------------------------------------------------------------------------------------------
 # Timing helpers
@@ -325,12 +325,6 @@ def machine_header(argv: Sequence[str]) -> list[str]:
     ]
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return out
-
-
 def _mb(nbytes: float) -> str:
     return f"{nbytes / 2**20:,.1f}"
 
@@ -416,7 +410,7 @@ def run(config: Config, argv: Sequence[str], log: Callable[[str], None]) -> str:
                 f"{r.images_per_s * r.gflop_analytic:.1f}", f"{limit:.2f}", f"{r.images_per_s / limit:.0%}",
                 f"{r.images_per_s / matched:.0%}",
             ])
-        lines += _table(
+        lines += markdown_table(
             ["encoder", "blocks run", "input px", "batch", "images/s", "ms/batch", "runs", "GFLOP/image",
              "achieved GFLOP/s", "FLOP-bound limit (images/s)", "measured / limit",
              "measured / limit at this batch's fc1 GEMM rate"],
@@ -434,7 +428,7 @@ def run(config: Config, argv: Sequence[str], log: Callable[[str], None]) -> str:
             "GEMM rates measured in this run (median):",
             "",
         ]
-        lines += _table(
+        lines += markdown_table(
             ["GEMM", "shape (batch, m, k, n)", "GFLOP/s", "ms each", "runs"],
             [[g.label, "x".join(map(str, g.shape)), f"{g.gflops:.1f}", f"{g.seconds * 1e3:.2f}", g.runs]
              for g in gemms],
@@ -455,7 +449,7 @@ def run(config: Config, argv: Sequence[str], log: Callable[[str], None]) -> str:
                 f"{r.gflop_analytic:.3f}", f"{r.gflop_counted:.3f}",
                 f"{(r.gflop_counted - r.gflop_analytic) / r.gflop_analytic:+.2%}",
             ])
-        lines += _table(
+        lines += markdown_table(
             ["encoder", "blocks", "input px", "tokens N", "patch embed GFLOP", "GFLOP/block", "attention share",
              "analytic GFLOP", "FlopCounterMode GFLOP", "difference"],
             flop_rows,
@@ -495,7 +489,7 @@ def run(config: Config, argv: Sequence[str], log: Callable[[str], None]) -> str:
             "### 3. `cvgl index` end to end (Longmont WV3, 112 m tiles, stride 56 m, 0.5 m GSD, default encoder)",
             "",
         ]
-        lines += _table(["stage", "tiles", "seconds", "tiles/s", "vs pure encoder (batch 16, 224 px)"], rows)
+        lines += markdown_table(["stage", "tiles", "seconds", "tiles/s", "vs pure encoder (batch 16, 224 px)"], rows)
         lines += [
             "",
             (f"Model load in-process (`create_encoder`, weights already converted and cached): {res.load_s:.2f} s. "
@@ -525,9 +519,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = set(config.sections) - {"encoder", "index"}
     if unknown:
         raise SystemExit(f"unknown section(s) {sorted(unknown)}; choose from encoder,index")
-
-    def log(msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     text = run(config, argv, log)
     return emit_section(text, args.out)
