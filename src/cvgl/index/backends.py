@@ -85,13 +85,18 @@ def pad_results(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarra
     return out_s, out_r
 
 
+def _no_results(n_queries: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``k`` padding columns (-inf, -1) for every query: nothing qualified."""
+    return pad_results(np.zeros((n_queries, 0), np.float32), np.zeros((n_queries, 0), np.int64), k)
+
+
 def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int, rows: np.ndarray | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Plain numpy top-k by inner product (ties: lower row first); ``rows`` names the vectors."""
     scores = queries @ vectors.T
     k_eff = min(k, scores.shape[1])
     if k_eff == 0:
-        return pad_results(np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64), k)
+        return _no_results(len(queries), k)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k_eff]
     top = np.take_along_axis(scores, order, axis=1)
     ids = order if rows is None else np.asarray(rows, dtype=np.int64)[order]
@@ -144,19 +149,20 @@ class FaissBackend:
             raise ValueError(f"{self.kind} backend filters by allowed rows, not geo; pass allowed=")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         rerank = int(self.params.get("rerank", 1))
-        small_subset = allowed is not None and len(np.unique(allowed)) <= EXACT_SUBSET_MAX
+        if allowed is not None:
+            allowed = np.unique(np.asarray(allowed, dtype=np.int64))  # sorted, once for both paths
+        small_subset = allowed is not None and len(allowed) <= EXACT_SUBSET_MAX
         if rerank > 1 and self.vectors is not None and not small_subset:
             _, candidates = self._approximate(queries, k * rerank, allowed)
             return rerank_exact(queries, candidates, self.vectors, k)
         return self._approximate(queries, k, allowed)
 
     def _approximate(self, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """The index's own top-k (exact over a small allowed subset)."""
+        """The index's own top-k (exact over a small allowed subset; ``allowed`` sorted, unique)."""
         if allowed is None:
             return pad_results(*self._raw_search(queries, min(k, len(self)), None), k)
-        allowed = np.unique(np.asarray(allowed, dtype=np.int64))
         if len(allowed) == 0:
-            return pad_results(np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64), k)
+            return _no_results(len(queries), k)
         if self.vectors is not None and len(allowed) <= EXACT_SUBSET_MAX:
             return exact_top_k(queries, self.vectors(allowed), k, allowed)
         selector = faiss.IDSelectorBatch(allowed)
@@ -253,7 +259,7 @@ def rerank_exact(queries: np.ndarray, candidates: np.ndarray, vectors: RowVector
     valid = candidates >= 0
     union = np.unique(candidates[valid])
     if len(union) == 0:
-        return pad_results(np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64), k)
+        return _no_results(len(queries), k)
     table = np.asarray(vectors(union), dtype=np.float32)
     position = np.searchsorted(union, np.where(valid, candidates, union[0]))
     scores = np.einsum("qd,qcd->qc", queries, table[position])
