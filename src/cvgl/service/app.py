@@ -27,12 +27,12 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import re
 import tempfile
 import threading
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -105,8 +105,10 @@ class ServiceState:
     max_upload_bytes: int
     options: LocateOptions = field(default_factory=LocateOptions)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    tiles: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
-    tiles_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        # Thumbnails are asked for again and again: keep the last TILE_CACHE tiles' PNG bytes.
+        self.tile_png = functools.lru_cache(maxsize=TILE_CACHE)(self._render_tile)
 
     def locate(self, data: bytes, suffix: str, name: str, options: LocateOptions) -> tuple[dict, np.ndarray | None]:
         """Run ``locate_images`` on the upload; the answer names ``name``, never the temp file."""
@@ -121,20 +123,11 @@ class ServiceState:
             result["error"] = result["error"].replace(str(path), name)
         return result, scores[0]
 
-    def tile_png(self, row: int) -> bytes:
-        """One tile as PNG bytes (small LRU: thumbnails are asked for again and again)."""
-        with self.tiles_lock:
-            if row in self.tiles:
-                self.tiles.move_to_end(row)
-                return self.tiles[row]
+    def _render_tile(self, row: int) -> bytes:
+        """One tile as PNG bytes (through ``tile_png``, the cached entry point)."""
         buffer = io.BytesIO()
         Image.fromarray(np.asarray(tile_image(self.index, row))).convert("RGB").save(buffer, format="PNG")
-        data = buffer.getvalue()
-        with self.tiles_lock:
-            self.tiles[row] = data
-            while len(self.tiles) > TILE_CACHE:
-                self.tiles.popitem(last=False)
-        return data
+        return buffer.getvalue()
 
     def bounds(self) -> tuple[float, float, float, float]:
         """(south, west, north, east) of the map: the overview's, else the tiles' plus a margin."""
