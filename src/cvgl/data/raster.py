@@ -748,13 +748,18 @@ def _scan(
             yield cell, (None if data is None else data[pos]), frac, valid, geom, out_px
 
 
-def count_tiles(path: PathLike, spec: TilingSpec = TilingSpec()) -> int:
-    """Exactly how many tiles :func:`iter_tiles` will yield (for progress bars).
+def kept_cells(path: PathLike, spec: TilingSpec = TilingSpec()) -> list[GridCell]:
+    """The grid cells :func:`iter_tiles` yields tiles for, in the same order.
 
     Reads only nodata masks (nothing at all for rasters without nodata), so it is much cheaper
     than tiling; float rasters without a nodata value are read to find NaN holes.
     """
-    return sum(1 for _ in _scan(path, spec, with_pixels=False))
+    return [cell for cell, *_ in _scan(path, spec, with_pixels=False)]
+
+
+def count_tiles(path: PathLike, spec: TilingSpec = TilingSpec()) -> int:
+    """Exactly how many tiles :func:`iter_tiles` will yield (for progress bars)."""
+    return len(kept_cells(path, spec))
 
 
 def iter_tiles(path: PathLike, spec: TilingSpec = TilingSpec()) -> Iterator[Tile]:

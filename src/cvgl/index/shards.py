@@ -38,12 +38,10 @@ from cvgl.data.raster import (
     BandStretch,
     TilingSpec,
     compute_stretch,
-    count_tiles,
-    iter_tiles,
+    kept_cells,
     raster_info,
     read_region,
     read_tile_folder,
-    tile_grid,
 )
 from cvgl.errors import InputError
 from cvgl.io import write_bytes_atomic, write_json_atomic
@@ -151,10 +149,7 @@ def plan_source(
         )
         spec_source = SourceSpec(str(source.resolve()), "tile-folder")
     else:
-        cells = tile_grid(source, spec)
-        if count_tiles(source, spec) != len(cells):
-            kept = {tile.tile_id for tile in iter_tiles(source, spec)}
-            cells = [cell for cell in cells if cell.tile_id in kept]
+        cells = kept_cells(source, spec)  # nodata masks only: no pixels, no stretch
         if not cells:
             raise InputError(f"{source}: no usable tiles (all empty or nodata); check the raster, bands and tiling")
         crs = raster_info(source).crs
