@@ -45,7 +45,7 @@ def tiny_encoder():
     """
     import torch
 
-    from cvgl.models.encoder import create_encoder
+    from cvgl.models.factory import create_encoder
 
     def make(preset: str = "gem", seed: int = 0):
         torch.manual_seed(seed)

@@ -16,12 +16,10 @@ from cvgl.index.backends import (
     FlatBackend,
     IVFPQBackend,
     SQ8Backend,
-    VectorBackend,
     build_backend,
     choose_index_type,
-    exact_top_k,
-    rerank_exact,
 )
+from cvgl.index.vectors import VectorBackend, exact_top_k, rerank_exact
 
 # Small IVF-PQ so a test builds in well under a second: 32 lists, 16 x 6-bit codes.
 IVF = {"nlist": 32, "m": 16, "nbits": 6, "nprobe": 8}

@@ -17,9 +17,10 @@ from PIL import Image
 
 from cvgl.bench import real_pairs as rp
 from cvgl.bench.common import SharedTokens, raw_pixels
-from cvgl.models.encoder import load_backbone
+from cvgl.models.factory import load_backbone
 from cvgl.errors import InputError
-from cvgl.models.encoder import PRESETS, create_encoder
+from cvgl.models.factory import create_encoder
+from cvgl.models.presets import PRESETS
 
 TINY = "random:dinov2_tiny_test"
 TINY_SIZES = rp.Sizes(square=56, pano_height=28, pano_max_width=112)

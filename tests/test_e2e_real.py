@@ -61,7 +61,8 @@ def test_locate_wv2_drone_photos_in_wv3_corner(tmp_path: Path) -> None:
     from cvgl.index.build import build_index
     from cvgl.index.store import open_index
     from cvgl.locate import LocateOptions, locate_images
-    from cvgl.models.encoder import DEFAULT_PRESET, create_encoder
+    from cvgl.models.factory import create_encoder
+    from cvgl.models.presets import DEFAULT_PRESET
 
     start = time.monotonic()
     bounds = (LEFT, TOP - SIDE, LEFT + SIDE, TOP)
@@ -75,7 +76,7 @@ def test_locate_wv2_drone_photos_in_wv3_corner(tmp_path: Path) -> None:
         assert info.bounds[2] - info.bounds[0] == pytest.approx(SIDE, abs=gsd)
 
     encoder = create_encoder(DEFAULT_PRESET, weights="embedded")
-    assert encoder.identity["arch"] == "dinov2_vits14"
+    assert encoder.identity.arch == "dinov2_vits14"
     index_dir = build_index(reference, tmp_path / "index", encoder, TilingSpec(tile_m=TILE_M, stride_m=56.0, gsd_m=0.5), progress=False)
     index = open_index(index_dir, encoder.identity)
     assert len(index) == int((SIDE - TILE_M) // 56.0 + 1) ** 2

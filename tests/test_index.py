@@ -16,9 +16,10 @@ from cvgl.data.raster import TilingSpec
 from cvgl.errors import IndexFormatError, IndexMismatchError, InputError
 from cvgl.index.build import build_index
 from cvgl.index.store import FILES, open_index, write_index
+from cvgl.models.identity import EncoderIdentity
 from cvgl.zeroshot.alignment import DEFAULT_KIND, fit_alignment
 
-IDENTITY = {
+IDENTITY_DICT = {
     "preset": "gem",
     "arch": "dinov2_tiny_test",
     "weights_sha256": "random-0123456789abcdef",
@@ -27,6 +28,7 @@ IDENTITY = {
     "std": [0.229, 0.224, 0.225],
     "head": {"pools": [{"kind": "gem", "layer": -1}], "final_norm": True},
 }
+IDENTITY = EncoderIdentity.from_dict(IDENTITY_DICT)
 
 
 def _data(n: int = 60, dim: int = 24, seed: int = 0) -> tuple[np.ndarray, pd.DataFrame]:
@@ -64,11 +66,11 @@ def test_round_trip(tmp_path: Path, kind: str) -> None:
     assert len(index) == 60
     np.testing.assert_array_equal(index.raw, raw)
     pd.testing.assert_frame_equal(index.tiles, tiles)
-    assert index.manifest["encoder"] == IDENTITY
-    assert index.manifest["count"] == 60
-    assert index.manifest["dim"] == 24
-    assert index.manifest["tile_m"] == 56.0
-    assert index.manifest["alignment"]["kind"] == kind
+    assert index.manifest.encoder == IDENTITY
+    assert index.manifest.count == 60
+    assert index.manifest.dim == 24
+    assert index.manifest.tile_m == 56.0
+    assert index.manifest.alignment["kind"] == kind
     assert index.alignment.kind == kind
     np.testing.assert_allclose(index.reference, index.alignment.apply(raw, "reference"), rtol=1e-6, atol=1e-6)
     assert index.overview() is None
@@ -105,7 +107,7 @@ def test_scores_equal_aligned_products(tmp_path: Path) -> None:
     index = open_index(path)
     queries = np.random.default_rng(2).normal(size=(5, 24)).astype(np.float32)
     expected = index.alignment.apply(queries, "query") @ index.alignment.apply(raw, "reference").T
-    got = index.scores(queries)
+    got = index.exact_scores(queries)
     assert got.shape == (5, 60)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     # consistent with search: the best score is the top-1 hit
@@ -117,25 +119,25 @@ def test_scores_equal_aligned_products(tmp_path: Path) -> None:
 @pytest.mark.parametrize("key", ["weights_sha256", "arch", "input_size", "head", "mean"])
 def test_check_encoder_refuses_other_identity(tmp_path: Path, key: str) -> None:
     path, _, _ = _write(tmp_path / "my_index")
-    other = json.loads(json.dumps(IDENTITY))
+    other = json.loads(json.dumps(IDENTITY_DICT))
     other[key] = {"weights_sha256": "random-ffff", "arch": "dinov2_vits14", "input_size": [224, 224],
                   "head": {"pools": [{"kind": "cls", "layer": -1}], "final_norm": True}, "mean": [0.5, 0.5, 0.5]}[key]
     with pytest.raises(IndexMismatchError) as info:
-        open_index(path, other)
+        open_index(path, EncoderIdentity.from_dict(other))
     message = str(info.value)
     assert str(path) in message
     assert key in message
     assert "\n" not in message
     index = open_index(path)
     with pytest.raises(IndexMismatchError, match="my_index"):
-        index.check_encoder(other)
-    index.check_encoder(json.loads(json.dumps(IDENTITY)))  # the same identity passes
+        index.check_encoder(EncoderIdentity.from_dict(other))
+    index.check_encoder(EncoderIdentity.from_dict(json.loads(json.dumps(IDENTITY_DICT))))  # the same identity passes
 
 
 def test_check_encoder_ignores_preset_name(tmp_path: Path) -> None:
     """Only what changes the vectors counts: a renamed preset with the same recipe is accepted."""
     path, _, _ = _write(tmp_path / "idx")
-    open_index(path, {**IDENTITY, "preset": "my-gem"})
+    open_index(path, EncoderIdentity.from_dict({**IDENTITY_DICT, "preset": "my-gem"}))
 
 
 @pytest.mark.parametrize("missing", FILES)
@@ -299,13 +301,13 @@ def test_build_index_from_geotiff(tmp_path: Path, utm_geotiff: Path, tiny_encode
     assert tiles["lat"].nunique() >= per_axis and tiles["lon"].nunique() >= per_axis
 
     manifest = index.manifest
-    assert manifest["encoder"] == encoder.identity
-    assert manifest["encoder"]["preset"] == "gem"
-    assert manifest["encoder"]["arch"] == "dinov2_tiny_test"
-    assert manifest["tile_m"] == 56
-    assert manifest["tiling"] == {"tile_m": 56, "stride_m": 28, "gsd_m": 1.0, "bands": None}
-    assert manifest["source"]["kind"] == "geotiff"
-    assert manifest["alignment"]["kind"] == DEFAULT_KIND
+    assert manifest.encoder == encoder.identity
+    assert manifest.encoder.preset == "gem"
+    assert manifest.encoder.arch == "dinov2_tiny_test"
+    assert manifest.tile_m == 56
+    assert manifest.to_dict()["tiling"] == {"tile_m": 56, "stride_m": 28, "gsd_m": 1.0, "bands": None}
+    assert manifest.source.kind == "geotiff"
+    assert manifest.alignment["kind"] == DEFAULT_KIND
     assert index.overview() is not None
 
     # the stored raw vectors are the encoder's descriptors of the tiles
@@ -371,7 +373,7 @@ def test_index_types_round_trip_and_search_like_numpy(tmp_path: Path, index_type
     write_index(tmp_path / "idx", raw, tiles, IDENTITY, fit_alignment("center", raw), index_type=index_type,
                 backend_params=params)
     index = open_index(tmp_path / "idx", IDENTITY)
-    assert index.index_type == index.manifest["index_type"] == index.manifest["backend"]["type"] == index_type
+    assert index.index_type == index.manifest.index_type == index.manifest.backend["type"] == index_type
     _, rows = index.search(queries, 10)
     recall = _recall(rows, _numpy_top_k(index, queries, 10))
     print(f"\n{index_type} via write_index/open_index: recall@10 vs numpy = {recall:.3f}")

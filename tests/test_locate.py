@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -14,7 +15,7 @@ from PIL import Image
 
 from cvgl.data.metadata import CameraMetadata, write_camera_metadata
 from cvgl.errors import InputError
-from cvgl.geo import geodesic_distance_m, offset_latlon
+from cvgl.geo import geodesic_distance_m, offset_latlon, tile_half_diagonal_m
 from cvgl.locate import Hypothesis, LocateOptions, PreparedQuery, answer, prepare_query
 
 
@@ -23,7 +24,7 @@ class FakeIndex:
 
     def __init__(self, lat: np.ndarray, lon: np.ndarray, tile_m: float) -> None:
         self.tiles = pd.DataFrame({"tile_id": [f"t{i}" for i in range(len(lat))], "lat": lat, "lon": lon})
-        self.manifest = {"tile_m": tile_m}
+        self.manifest = SimpleNamespace(tile_m=tile_m, correct_radius_m=tile_half_diagonal_m(tile_m))
 
 
 @pytest.mark.parametrize("heading", [0.0, 90.0, 225.0])

@@ -15,9 +15,10 @@ pytest.importorskip("qdrant_client")
 from cvgl.bench.scale import structured_dataset
 from cvgl.geo import geodesic_distance_m
 from cvgl.index.store import open_index, write_index
+from cvgl.models.identity import EncoderIdentity
 from cvgl.zeroshot.alignment import fit_alignment
 
-IDENTITY = {"preset": "gem", "arch": "dinov2_tiny_test", "weights_sha256": "random-0", "input_size": [56, 56]}
+IDENTITY = EncoderIdentity("gem", "dinov2_tiny_test", "random-0", (56, 56), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 N = 400  # local mode ingests point by point in Python: keep it small
 
 
@@ -52,7 +53,7 @@ def test_local_mode_folder_is_self_contained(built) -> None:
     assert index.index_type == "qdrant" and len(index) == N
     names = {p.name for p in path.iterdir()}
     if not os.environ.get("CVGL_QDRANT_URL"):
-        assert "qdrant" in names and index.manifest["backend"]["server"] is False
+        assert "qdrant" in names and index.manifest.backend["server"] is False
     assert "vectors.faiss" not in names
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".idx.")]  # temp folder swapped away
 

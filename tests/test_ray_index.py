@@ -27,13 +27,13 @@ from cvgl.index.ray_embed import (
     READER_CPU_RESERVE,
     READER_CPUS,
     DistributedError,
-    EncoderRecipe,
     RayOptions,
     actor_cpus,
     ray_session,
 )
 from cvgl.index.shards import shard_folder
 from cvgl.index.store import open_index
+from cvgl.models.factory import EncoderRecipe
 
 TINY = ["--weights", "random:dinov2_tiny_test", "--input-size", "56"]
 LONGMONT_TINY = TilingSpec(tile_m=112, stride_m=112, gsd_m=2.0)  # 8 x 8 tiles of 56 px
@@ -58,8 +58,8 @@ def assert_same_index(a: Path, b: Path) -> None:
     np.testing.assert_array_equal(first.raw, second.raw)
     np.testing.assert_array_equal(first.reference, second.reference)
     drop = {"created_unix"}
-    assert {k: v for k, v in first.manifest.items() if k not in drop} == {
-        k: v for k, v in second.manifest.items() if k not in drop
+    assert {k: v for k, v in first.manifest.to_dict().items() if k not in drop} == {
+        k: v for k, v in second.manifest.to_dict().items() if k not in drop
     }
 
 
@@ -99,7 +99,7 @@ def test_recipe_rebuilds_the_same_random_model() -> None:
     assert recipe.build().identity == recipe.build().identity
     assert torch.equal(torch.get_rng_state(), after)  # building does not move the caller's generator
     torch.manual_seed(3)
-    assert recipe.build().identity["weights_sha256"] == EncoderRecipe.capture("gem", "random:dinov2_tiny_test", TINY_SIZE).build().identity["weights_sha256"]
+    assert recipe.build().identity.weights_sha256 == EncoderRecipe.capture("gem", "random:dinov2_tiny_test", TINY_SIZE).build().identity.weights_sha256
     assert EncoderRecipe.capture("gem", "embedded").rng_state is None
 
 

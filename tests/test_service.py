@@ -32,7 +32,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     """(index, encoder, photo path) for one tiny index, shared by the module's tests."""
     import torch
 
-    from cvgl.models.encoder import create_encoder
+    from cvgl.models.factory import create_encoder
 
     folder = tmp_path_factory.mktemp("service")
     raster = write_geotiff(folder / "ortho.tif", textured_rgb(200, 200, seed=3))
@@ -66,10 +66,10 @@ def test_health_and_meta(client: TestClient, served) -> None:
     index, _, _ = served
     assert client.get("/health").json() == {"status": "ok", "index": "idx", "tiles": len(index), "encoder": "gem"}
     meta = client.get("/meta").json()
-    assert meta["bounds"] == pytest.approx(index.manifest["overview_bounds"])
+    assert meta["bounds"] == pytest.approx(index.manifest.overview_bounds)
     assert meta["overview"] is True and meta["tiles"] == len(index) and meta["tile_m"] == 56
     text = json.dumps(meta) + json.dumps(client.get("/health").json())
-    assert str(index.path.parent) not in text and index.manifest["source"]["path"] not in text  # no server paths
+    assert str(index.path.parent) not in text and index.manifest.source.path not in text  # no server paths
 
 
 @pytest.mark.parametrize(

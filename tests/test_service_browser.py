@@ -78,7 +78,8 @@ def test_page_locates_a_dropped_drone_photo(tmp_path: Path) -> None:
     from cvgl.data.samples import longmont_scene
     from cvgl.data.synthetic import QueryFamily, make_queries, write_query_photo
     from cvgl.index.build import build_index
-    from cvgl.models.encoder import DEFAULT_PRESET, create_encoder
+    from cvgl.models.factory import create_encoder
+    from cvgl.models.presets import DEFAULT_PRESET
 
     bounds = (LEFT, TOP - SIDE, LEFT + SIDE, TOP)
     reference = crop_geotiff(longmont_scene("wv3"), tmp_path / "wv3_corner.tif", bounds)

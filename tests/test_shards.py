@@ -195,7 +195,7 @@ def test_tile_folder_build_equals_reference(tmp_path: Path, tiny_encoder) -> Non
     assert "path_in_folder" not in index.tiles.columns
     expected = np.concatenate([encoder.encode([load_image(folder / n) for n in names[s : s + 3]]) for s in range(0, 7, 3)])
     np.testing.assert_array_equal(index.raw, expected)
-    assert index.manifest["source"]["kind"] == "tile-folder" and index.manifest["tile_m_estimated"]
+    assert index.manifest.source.kind == "tile-folder" and index.manifest.tile_m_estimated
 
 
 # ------------------------------------------------------------------------------ resume

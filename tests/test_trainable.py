@@ -10,17 +10,17 @@ import torch.nn.functional as F
 
 from cvgl.errors import InputError
 from cvgl.models.backbone import LayerTokens
-from cvgl.models.encoder import load_backbone
+from cvgl.models.factory import load_backbone
 from cvgl.models.netvlad import NetVLAD
 from cvgl.models.salad import Salad
-from cvgl.models.trainable import (
+from cvgl.models.view_heads import (
     ClsHead,
     HeadSpec,
     ViewHeads,
     build_head,
     head_from_description,
-    set_trainable,
 )
+from cvgl.train.policy import set_trainable
 
 SMALL = {"num_clusters": 4, "cluster_dim": 3, "token_dim": 2, "out_dim": 5, "dropout": 0.0}
 

@@ -135,7 +135,7 @@ def test_loss_falls_when_overfitting_a_fixed_set(pairs_csv, tmp_path):
 
 
 def test_export_plugs_into_create_encoder(pairs_csv, tmp_path):
-    from cvgl.models.encoder import create_encoder
+    from cvgl.models.factory import create_encoder
 
     trainer = Trainer(config_from_dict(tiny_config(pairs_csv, tmp_path / "run", optim__epochs=1)))
     trainer.fit()
@@ -143,7 +143,7 @@ def test_export_plugs_into_create_encoder(pairs_csv, tmp_path):
     reference = create_encoder("gem-l8-raw", str(export), view="reference")
     query = create_encoder("cls", str(export), view="query")
     assert reference.identity == query.identity
-    assert reference.identity["preset"] == "tiny" and "trained" in reference.identity["head"]
+    assert reference.identity.preset == "tiny" and "trained" in reference.identity.head
     image = np.asarray(Image.open(pairs_csv.parent / "r0.png").convert("RGB"))
     desc = reference.encode([image])
     assert desc.shape == (1, 16)
@@ -217,7 +217,7 @@ def test_tensorboard_events_beside_jsonl(pairs_csv, tmp_path):
 
 def test_explain_draws_dustbin_and_cluster_figure(pairs_csv, tmp_path, capsys):
     from cvgl.cli import main
-    from cvgl.train.model import load_trained
+    from cvgl.models.gengeo import load_trained
     from cvgl.viz.assignments import assignment_summary
 
     Trainer(config_from_dict(tiny_config(pairs_csv, tmp_path / "run", optim__epochs=1))).fit()

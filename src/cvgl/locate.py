@@ -55,7 +55,6 @@ from cvgl.models.encoder import Encoder
 from cvgl.zeroshot.alignment import fit_alignment
 
 VIEWS = ("drone", "street", "aerial")
-DEFAULT_TILE_M = 100.0  # only for a one-tile folder index, where no spacing can be measured
 MAX_PITCH_DEG = 80.0  # steeper than this, a rectified view is mostly sky or smeared horizon
 MIN_SIDE_PX = 28  # two patches: anything smaller carries no usable evidence
 MIN_BATCH_ALIGNMENT = 16  # photos needed before a batch's own statistics are trusted
@@ -219,7 +218,7 @@ def answer(
     ranked, scored = ranked_tiles(tile_scores)
     order = ranked[: options.top_k]
     best = int(order[0])
-    radius = (index.manifest.get("tile_m") or DEFAULT_TILE_M) / math.sqrt(2.0)  # the tile half-diagonal
+    radius = index.manifest.correct_radius_m
     s_lat, s_lon = lat[scored], lon[scored]  # only scored tiles take part (see module doc)
     weights = softmax(tile_scores[scored], options.temperature)
     near = geodesic_distance_m(lat[best], lon[best], s_lat, s_lon) <= radius
@@ -284,7 +283,7 @@ def hypothesis_scores(
     ``allowed``: rows inside the geographic prior (None: no prior); ``prior``: that prior in the
     backend's terms (:meth:`ReferenceIndex.prior`), passed by callers that score many photos."""
     if dense_scoring(index):
-        scores = index.scores(desc, alignment)
+        scores = index.exact_scores(desc, None, alignment)
         if allowed is not None:
             masked = np.full_like(scores, -np.inf)
             masked[:, allowed] = scores[:, allowed]
@@ -292,9 +291,9 @@ def hypothesis_scores(
         return best_over_hypotheses(scores)
     if prior is None:
         prior = index.prior(options.near, options.radius_km) if allowed is not None else (None, None)
-    _, rows = index.search(desc, options.candidates, prior=prior)
+    _, rows = index.candidates(desc, options.candidates, prior)
     pool = np.unique(rows[rows >= 0])
-    exact = alignment.apply(desc, "query") @ alignment.apply(index.raw[pool], "reference").T  # [H, pool]
+    exact = index.exact_scores(desc, pool, alignment)  # [H, pool]
     tile_scores = np.full(len(index), -np.inf, dtype=np.float32)
     best_hyp = np.zeros(len(index), dtype=np.int64)
     tile_scores[pool], best_hyp[pool] = exact.max(0), exact.argmax(0)
@@ -315,8 +314,8 @@ def locate_images(
 
     if options.view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}")
-    tile_m = index.manifest.get("tile_m")
-    gsd_m = (index.manifest.get("tiling") or {}).get("gsd_m")
+    tile_m = index.manifest.tile_m
+    gsd_m = index.manifest.gsd_m
     prepared: list[PreparedQuery | None] = []
     descriptors: list[np.ndarray | None] = []
     errors: dict[int, str] = {}

@@ -11,23 +11,21 @@ from cvgl.data.raster import read_region
 from cvgl.errors import CvglError
 from cvgl.geo import geodesic_distance_m
 from cvgl.index.store import ReferenceIndex
-from cvgl.locate import DEFAULT_TILE_M
 from cvgl.viz import write_map_html, write_retrieval_grid
 
 
 def tile_image(index: ReferenceIndex, row: int) -> np.ndarray:
     """Re-read a tile's pixels from its source (indexes keep vectors, not pixels)."""
     tile = index.tiles.iloc[row]
-    source = index.manifest.get("source") or {}
-    path = Path(source["path"]) if source.get("path") else None
+    source = index.manifest.source
+    path = Path(source.path) if source is not None and source.path else None
     if path is None or not path.exists():
         return np.zeros((64, 64, 3), dtype=np.uint8)
-    if source.get("kind") == "tile-folder":
+    if source.kind == "tile-folder":
         return np.asarray(load_image(path / str(tile["source"])))
-    tiling = index.manifest.get("tiling") or {}
-    bands = tiling.get("bands")
-    return read_region(path, float(tile["x"]), float(tile["y"]), index.manifest["tile_m"],
-                       tiling.get("gsd_m"), tuple(bands) if bands else None)
+    tiling = index.manifest.tiling
+    return read_region(path, float(tile["x"]), float(tile["y"]), index.manifest.tile_side_m,
+                       tiling.gsd_m, tiling.bands)
 
 
 def write_visuals(
@@ -45,13 +43,13 @@ def write_visuals(
             map_path, results, index.tiles, scores,
             overview=overview[0] if overview else None,
             overview_bounds=overview[1] if overview else None,
-            tile_m=index.manifest.get("tile_m"),
+            tile_m=index.manifest.tile_m,
         )
     if grid_path is None:
         return
     rows = []
     row_of = {tid: i for i, tid in enumerate(index.tiles["tile_id"])}
-    radius = (index.manifest.get("tile_m") or DEFAULT_TILE_M) / np.sqrt(2)
+    radius = index.manifest.correct_radius_m
     for i, result in enumerate(results):
         if "error" in result or query_images is None or query_images[i] is None:
             continue

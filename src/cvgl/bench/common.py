@@ -14,8 +14,11 @@ from PIL import Image
 
 from cvgl.io import write_text_atomic
 from cvgl.models.backbone import DinoV2
-from cvgl.models.encoder import PRESETS, Encoder, load_backbone
-from cvgl.models.heads import HeadConfig, PoolingHead, PoolSpec
+from cvgl.models.encoder import Encoder
+from cvgl.models.factory import load_backbone
+from cvgl.models.heads import PoolingHead
+from cvgl.models.presets import PRESETS, HeadConfig, PoolSpec
+from cvgl.models.weights import PretrainedCfg, WeightsSource
 
 PRETRAINED_HEADS: dict[str, HeadConfig] = {
     "cls (last block)": PRESETS["cls"].head,
@@ -40,23 +43,29 @@ class SharedTokens:
 
     Comparing descriptors this way costs one backbone pass instead of one per descriptor, and
     guarantees they all see exactly the same pixels. Images are resized to ``size`` unless
-    :meth:`encode` is given a per-image input size; descriptors equal ``Encoder.encode`` at that size.
+    :meth:`encode` is given a per-image input size; descriptors equal ``Encoder.encode`` at that
+    size because each head's encoder computes them, from tokens its own :meth:`Encoder.tokens`
+    produced for the union of the heads' blocks.
     """
 
-    def __init__(self, backbone: DinoV2, heads: dict[str, HeadConfig], size: tuple[int, int] = (224, 224)) -> None:
+    def __init__(self, backbone: DinoV2, heads: dict[str, HeadConfig], size: tuple[int, int] = (224, 224),
+                 weights: str = "embedded") -> None:
         self.backbone = backbone
         self.size = tuple(size)
-        self.encoders = {name: Encoder(backbone, PoolingHead(h), self.size) for name, h in heads.items()}
-        self.layers = sorted({backbone.resolve_layer(p.layer) for h in heads.values() for p in h.pools})
+        self.weights = WeightsSource.parse(weights)
+        self.encoders = {name: self._encoder(PoolingHead(h), self.size) for name, h in heads.items()}
         self._resizers: dict[tuple[int, int], Encoder] = {}
 
+    def _encoder(self, head: PoolingHead, size: tuple[int, int]) -> Encoder:
+        return Encoder(self.backbone, head, PretrainedCfg(self.weights, tuple(size)))
+
     def _resizer(self, size: tuple[int, int]) -> Encoder:
-        """An encoder at ``size`` whose ``to_tensor``, mean and std prepare that size's batches."""
+        """An encoder at ``size`` whose ``to_tensor`` and ``tokens`` prepare that size's batches."""
         first = next(iter(self.encoders.values()))
         if size == self.size:
             return first
         if size not in self._resizers:
-            self._resizers[size] = Encoder(self.backbone, first.head, size)  # checks multiples of 14
+            self._resizers[size] = self._encoder(first.head, size)  # checks multiples of 14
         return self._resizers[size]
 
     @torch.inference_mode()
@@ -79,23 +88,20 @@ class SharedTokens:
         for i, size in enumerate(targets):
             by_size[size].append(i)
         out: dict[str, list] = {name: [None] * len(images) for name in self.encoders}
-        resolve = self.backbone.resolve_layer
         for size, indices in by_size.items():
             prep = self._resizer(size)
             for start in range(0, len(indices), batch):
                 chunk = indices[start : start + batch]
                 x = torch.stack([prep.to_tensor(images[i]) for i in chunk])
-                x = (x - prep.mean) / prep.std
                 for norm in (True, False):
-                    names = [n for n, e in self.encoders.items() if e.head.config.final_norm == norm]
+                    names = [n for n, e in self.encoders.items() if e.head.final_norm == norm]
                     if not names:
                         continue
-                    # only the blocks this pass needs: the backbone stops after the deepest one
-                    layers = sorted({resolve(spec) for n in names for spec in self.encoders[n].head.layers})
-                    tokens = self.backbone.forward_layers(x, layers, norm=norm)
+                    # one pass for the union of the blocks: the backbone stops after the deepest one
+                    layers = sorted({spec for n in names for spec in self.encoders[n].head.layers})
+                    tokens = prep.tokens(x, layers, norm=norm)
                     for name in names:
-                        head = self.encoders[name].head
-                        desc = head({spec: tokens[resolve(spec)] for spec in head.layers}).float().numpy()
+                        desc = self.encoders[name].head(tokens).float().numpy()
                         for row, i in enumerate(chunk):
                             out[name][i] = desc[row]
         return {name: np.stack(rows).astype(np.float32) for name, rows in out.items()}
@@ -124,7 +130,7 @@ class Methods:
         self.pretrained = SharedTokens(load_backbone("embedded")[0], heads or PRETRAINED_HEADS, size)
         torch.manual_seed(seed)
         random_heads = RANDOM_HEADS if random_heads is None else random_heads
-        self.random = SharedTokens(load_backbone("random:dinov2_vits14")[0], random_heads, size) if random_heads else None
+        self.random = SharedTokens(load_backbone("random:dinov2_vits14")[0], random_heads, size, "random:dinov2_vits14") if random_heads else None
 
     def encode(self, images: list[np.ndarray], with_random: bool = True) -> dict[str, np.ndarray]:
         out = {"raw pixels": raw_pixels(images)}

@@ -40,7 +40,7 @@ from cvgl.data.synthetic import QueryFamily, make_queries, write_query_photo
 from cvgl.evaluate import recall_at_k_by_distance
 from cvgl.geo import geodesic_distance_m
 from cvgl.locate import LocateOptions, prepare_query
-from cvgl.models.encoder import PRESETS
+from cvgl.models.presets import PRESETS
 from cvgl.zeroshot.alignment import fit_alignment
 
 SPEC = TilingSpec(tile_m=112.0, stride_m=56.0, gsd_m=0.5)

@@ -72,8 +72,9 @@ def measure(quick: bool, workers: int, shard_size: int, log) -> Result:
     from cvgl.data.raster import TilingSpec
     from cvgl.data.samples import longmont_scene
     from cvgl.index.build import build_index
-    from cvgl.index.ray_embed import EncoderRecipe, RayOptions, ray_session
+    from cvgl.index.ray_embed import RayOptions, ray_session
     from cvgl.index.store import open_index
+    from cvgl.models.factory import EncoderRecipe
     from cvgl.models.presets import DEFAULT_PRESET
 
     source = longmont_scene("wv3")

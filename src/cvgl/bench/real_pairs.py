@@ -60,7 +60,8 @@ from cvgl.bench.common import SharedTokens, emit_section, raw_pixels
 from cvgl.errors import InputError
 from cvgl.evaluate import recall_at_k
 from cvgl.models.backbone import PATCH
-from cvgl.models.encoder import PRESETS, load_backbone
+from cvgl.models.factory import load_backbone
+from cvgl.models.presets import PRESETS
 from cvgl.zeroshot.alignment import Alignment, fit_alignment
 
 STREET = "street→satellite"
@@ -328,7 +329,7 @@ def encode_methods(
             groups[(m.weights, m.seed if m.weights.startswith("random:") else 0)].append(m)
     for (weights, seed), members in groups.items():
         started = time.time()
-        shared = SharedTokens(load_backbone(weights, seed)[0], {m.label: PRESETS[m.preset].head for m in members})
+        shared = SharedTokens(load_backbone(weights, seed)[0], {m.label: PRESETS[m.preset].head for m in members}, weights=weights)
         out.update(shared.encode(images, batch=8, sizes=input_sizes))
         if log:
             log(f"real-pairs: encoded {len(images)} images with {weights} ({len(members)} heads) in {time.time() - started:.0f} s")

@@ -206,7 +206,7 @@ def real_longmont_descriptors(weights: str = "embedded") -> np.ndarray:
     """Default-encoder descriptors of the Longmont WV3 tiles (112 m every 56 m, 0.5 m GSD)."""
     from cvgl.data.raster import TilingSpec, iter_tiles
     from cvgl.data.samples import longmont_scene
-    from cvgl.models.encoder import create_encoder
+    from cvgl.models.factory import create_encoder
 
     encoder = create_encoder(weights=weights)
     images = [tile.image for tile in iter_tiles(longmont_scene("wv3"), TilingSpec(112.0, 56.0, 0.5))]

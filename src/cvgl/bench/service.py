@@ -127,7 +127,8 @@ def run(requests: int, concurrency: int, in_process_runs: int, weights: str, thr
     from cvgl.index.build import build_index
     from cvgl.index.store import open_index
     from cvgl.locate import LocateOptions, locate_images
-    from cvgl.models.encoder import DEFAULT_PRESET, create_encoder
+    from cvgl.models.factory import create_encoder
+    from cvgl.models.presets import DEFAULT_PRESET
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="cvgl-bench-service-") as tmp:
@@ -136,7 +137,7 @@ def run(requests: int, concurrency: int, in_process_runs: int, weights: str, thr
         started = time.perf_counter()
         index_dir = build_index(longmont_scene("wv3"), folder / "index", encoder, TilingSpec(*TILING), progress=False)
         build_s = time.perf_counter() - started
-        n_tiles = open_index(index_dir).manifest["count"]
+        n_tiles = open_index(index_dir).manifest.count
         log(f"indexed {n_tiles} tiles in {build_s:.0f} s")
         family = QueryFamily("nadir", pitches=(0.0,), heading_known=True)
         query = make_queries(longmont_scene("wv2"), 1, family, seed=0, photo_size=(PHOTO_PX, PHOTO_PX))[0]

@@ -229,7 +229,8 @@ def index_run(weights: str = "embedded", cli: bool = True) -> IndexRunResult:
     from cvgl.data.raster import TilingSpec, iter_tiles
     from cvgl.data.samples import longmont_scene
     from cvgl.index.build import build_index
-    from cvgl.models.encoder import DEFAULT_PRESET, create_encoder
+    from cvgl.models.factory import create_encoder
+    from cvgl.models.presets import DEFAULT_PRESET
 
     spec = TilingSpec(tile_m=112.0, stride_m=56.0, gsd_m=0.5)
     path = longmont_scene("wv3")
@@ -340,7 +341,8 @@ class Config:
 
 
 def run(config: Config, argv: Sequence[str], log: Callable[[str], None]) -> str:
-    from cvgl.models.encoder import DEFAULT_PRESET, create_encoder
+    from cvgl.models.factory import create_encoder
+    from cvgl.models.presets import DEFAULT_PRESET
 
     started = time.perf_counter()
     title = "## Benchmark `throughput` (encoder vs FLOP-bound limit, `cvgl index`)"

@@ -1,9 +1,5 @@
-"""Vector backends: one search interface over exact and compressed inner-product indexes.
-
-Every backend answers ``search(queries, k, allowed=None)`` with ``(scores [Q, k], rows [Q, k])``
-where rows are int64 row numbers of ``tiles.parquet`` (``-1`` with score ``-inf`` when fewer than
-``k`` rows qualify). Queries and stored vectors are *aligned* and L2-normalised, so the score is
-a cosine similarity.
+"""Vector backends: exact and compressed inner-product indexes behind one interface
+(:class:`cvgl.index.vectors.VectorBackend`), and the registry that builds and opens them by kind.
 
 =========  =========================================  ===========  =============================
 type       faiss index                                bytes/vector  why
@@ -30,12 +26,13 @@ and the survivors re-ranked). Qdrant (:mod:`cvgl.index.qdrant`) filters natively
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import faiss
 import numpy as np
+
+from cvgl.index.qdrant import QdrantBackend
+from cvgl.index.vectors import RowVectors, VectorBackend, exact_top_k, no_results, pad_results, rerank_exact
 
 FAISS_FILE = "vectors.faiss"
 FLAT_MAX = 200_000  # auto: exact below this many vectors
@@ -45,62 +42,11 @@ DEFAULT_RERANK = 10  # IVF-PQ: exact re-rank of rerank * k candidates
 DEFAULT_NPROBE = 32
 KMEANS_ITERATIONS = 10  # coarse k-means: faiss's 25 cost minutes at 1e6 for no measurable recall
 
-# rows -> their aligned float32 vectors; lets IVF-PQ re-rank against raw.npy without a copy
-RowVectors = Callable[[np.ndarray], np.ndarray]
-
-
 def choose_index_type(n: int) -> str:
     """``auto``: flat below :data:`FLAT_MAX`, SQ8 up to :data:`SQ8_MAX`, IVF-PQ above."""
     if n < FLAT_MAX:
         return "flat"
     return "sq8" if n <= SQ8_MAX else "ivfpq"
-
-
-@runtime_checkable
-class VectorBackend(Protocol):
-    """What the store and ``locate`` need from an index of aligned reference vectors."""
-
-    kind: str
-    native_geo: bool  # True: search() takes geo=(lat, lon, radius_m) itself
-
-    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
-               geo: tuple[float, float, float] | None = None) -> tuple[np.ndarray, np.ndarray]: ...
-
-    def __len__(self) -> int: ...
-
-    def describe(self) -> dict: ...
-
-    def save(self, folder: Path) -> None: ...
-
-
-def pad_results(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Shape ``[Q, k]``: missing rows are -1 with score -inf (faiss's own fillers normalised)."""
-    q = len(rows)
-    out_s = np.full((q, k), -np.inf, dtype=np.float32)
-    out_r = np.full((q, k), -1, dtype=np.int64)
-    width = min(k, rows.shape[1]) if rows.ndim == 2 else 0
-    out_s[:, :width] = scores[:, :width]
-    out_r[:, :width] = rows[:, :width]
-    out_s[out_r < 0] = -np.inf
-    return out_s, out_r
-
-
-def _no_results(n_queries: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``k`` padding columns (-inf, -1) for every query: nothing qualified."""
-    return pad_results(np.zeros((n_queries, 0), np.float32), np.zeros((n_queries, 0), np.int64), k)
-
-
-def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int, rows: np.ndarray | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Plain numpy top-k by inner product (ties: lower row first); ``rows`` names the vectors."""
-    scores = queries @ vectors.T
-    k_eff = min(k, scores.shape[1])
-    if k_eff == 0:
-        return _no_results(len(queries), k)
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k_eff]
-    top = np.take_along_axis(scores, order, axis=1)
-    ids = order if rows is None else np.asarray(rows, dtype=np.int64)[order]
-    return pad_results(top.astype(np.float32), ids.astype(np.int64), k)
 
 
 class FaissBackend:
@@ -162,7 +108,7 @@ class FaissBackend:
         if allowed is None:
             return pad_results(*self._raw_search(queries, min(k, len(self)), None), k)
         if len(allowed) == 0:
-            return _no_results(len(queries), k)
+            return no_results(len(queries), k)
         if self.vectors is not None and len(allowed) <= EXACT_SUBSET_MAX:
             return exact_top_k(queries, self.vectors(allowed), k, allowed)
         selector = faiss.IDSelectorBatch(allowed)
@@ -250,26 +196,8 @@ class IVFPQBackend(FaissBackend):
         return faiss.SearchParametersIVF(sel=selector, nprobe=self.index.nprobe)
 
 
-def rerank_exact(queries: np.ndarray, candidates: np.ndarray, vectors: RowVectors, k: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact scores of each query's candidate rows (``-1`` = none) -> top ``k``.
-
-    The union of all candidates is fetched once in ascending row order (sequential reads of a
-    memory-mapped raw.npy)."""
-    valid = candidates >= 0
-    union = np.unique(candidates[valid])
-    if len(union) == 0:
-        return _no_results(len(queries), k)
-    table = np.asarray(vectors(union), dtype=np.float32)
-    position = np.searchsorted(union, np.where(valid, candidates, union[0]))
-    scores = np.einsum("qd,qcd->qc", queries, table[position])
-    scores[~valid] = -np.inf
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return pad_results(np.take_along_axis(scores, order, 1), np.where(
-        np.take_along_axis(valid, order, 1), np.take_along_axis(candidates, order, 1), -1), k)
-
-
 FAISS_BACKENDS: dict[str, type[FaissBackend]] = {"flat": FlatBackend, "sq8": SQ8Backend, "ivfpq": IVFPQBackend}
+KINDS = (*FAISS_BACKENDS, "qdrant")
 
 
 def build_backend(kind: str, vectors: np.ndarray, folder: Path | None = None, **params: object) -> VectorBackend:
@@ -280,7 +208,12 @@ def build_backend(kind: str, vectors: np.ndarray, folder: Path | None = None, **
     if kind in FAISS_BACKENDS:
         return FAISS_BACKENDS[kind].build(vectors, **params)
     if kind == "qdrant":
-        from cvgl.index.qdrant import QdrantBackend
-
         return QdrantBackend.build(vectors, folder=folder, **params)
-    raise ValueError(f"unknown index type {kind!r} (auto | flat | sq8 | ivfpq | qdrant)")
+    raise ValueError(f"unknown index type {kind!r} (auto | {' | '.join(KINDS)})")
+
+
+def open_backend(kind: str, folder: Path, mmap: bool, params: dict, vectors: RowVectors) -> VectorBackend:
+    """Open the saved backend of ``kind`` in an index folder (``vectors``: exact rows for re-ranking)."""
+    if kind == "qdrant":
+        return QdrantBackend.open(folder, mmap, params)
+    return FAISS_BACKENDS[kind].open(folder, mmap, params, vectors)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cvgl.index.backends import pad_results
+from cvgl.index.vectors import pad_results
 
 QDRANT_DIR = "qdrant"
 URL_ENV = "CVGL_QDRANT_URL"

@@ -8,8 +8,8 @@ Pipeline, one row per shard::
 * Read tasks and actors run :func:`cvgl.index.shards.read_shard` and
   :func:`~cvgl.index.shards.embed_shard`, the functions of the in-process loop, one shard per
   call, so a shard's batches are the same on both paths and the index is the same.
-* Each actor builds its encoder once from an :class:`EncoderRecipe` (preset, weights, input size
-  and, for random weights, the driver's RNG state) and refuses to embed if its identity differs
+* Each actor builds its encoder once from an :class:`~cvgl.models.factory.EncoderRecipe` (preset,
+  weights, input size and, for random weights, the driver's RNG state) and refuses to embed if its identity differs
   from the driver's, so actors can never silently hold different models.
 * Shards are written by the driver: the output folder only has to exist where ``cvgl`` runs. The
   source must be readable at the same path on every node (a shared or replicated file system).
@@ -37,7 +37,8 @@ from cvgl.errors import CvglError
 from cvgl.index.shards import ShardPlan, embed_shard, read_shard, write_shard
 
 if TYPE_CHECKING:  # torch and the model code load only where a model is built (not in read tasks)
-    from cvgl.models.encoder import Encoder
+    from cvgl.models.factory import EncoderRecipe
+    from cvgl.models.identity import EncoderIdentity
 
 #: CPUs of the cluster left to the read tasks; actors share the rest (at most one each).
 READER_CPU_RESERVE = 0.5
@@ -49,38 +50,6 @@ CONNECT_TIMEOUT_S = 5.0
 
 class DistributedError(CvglError):
     """Ray is not installed, a cluster is unreachable or too small, or a worker failed."""
-
-
-@dataclass(frozen=True)
-class EncoderRecipe:
-    """How to build the same encoder in another process (each Ray actor builds its own).
-
-    Random weights (``random:<arch>``) are drawn from torch's global generator: the recipe
-    captures the driver's generator state so every actor draws the same weights.
-    """
-
-    preset: str
-    weights: str = "embedded"
-    input_size: tuple[int, int] | None = None
-    rng_state: bytes | None = None
-
-    @classmethod
-    def capture(cls, preset: str, weights: str = "embedded", input_size: tuple[int, int] | None = None) -> EncoderRecipe:
-        import torch
-
-        state = torch.get_rng_state().numpy().tobytes() if weights.startswith("random:") else None
-        return cls(preset, weights, None if input_size is None else tuple(input_size), state)
-
-    def build(self) -> Encoder:
-        import torch
-
-        from cvgl.models.encoder import create_encoder
-
-        if self.rng_state is None:
-            return create_encoder(self.preset, self.weights, self.input_size)
-        with torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(torch.frombuffer(bytearray(self.rng_state), dtype=torch.uint8))
-            return create_encoder(self.preset, self.weights, self.input_size)
 
 
 @dataclass(frozen=True)
@@ -182,7 +151,7 @@ def _read_batch(batch: dict, source) -> dict:
 class _EmbedActor:
     """A model-holding actor: builds the encoder once, embeds whole shards."""
 
-    def __init__(self, recipe: EncoderRecipe, identity: dict, batch_size: int) -> None:
+    def __init__(self, recipe: EncoderRecipe, identity: EncoderIdentity, batch_size: int) -> None:
         import torch
 
         torch.set_num_threads(1)

@@ -45,6 +45,7 @@ from cvgl.data.raster import (
 )
 from cvgl.errors import InputError
 from cvgl.io import write_bytes_atomic, write_json_atomic
+from cvgl.models.identity import EncoderIdentity
 
 SHARD_FORMAT = 1
 DEFAULT_SHARD_SIZE = 128
@@ -77,7 +78,7 @@ class ShardPlan:
     source: SourceSpec
     tiles: pd.DataFrame  # planned rows in tile order (table metadata + where to read them)
     shard_size: int
-    encoder_identity: dict
+    encoder_identity: EncoderIdentity
     digest: str
 
     @property
@@ -98,7 +99,7 @@ class ShardPlan:
             "tiles": len(self.tiles),
             "shard_size": self.shard_size,
             "num_shards": self.num_shards,
-            "encoder": self.encoder_identity,
+            "encoder": self.encoder_identity.to_dict(),
         }
 
 
@@ -120,7 +121,7 @@ def shard_path(folder: Path, shard: int) -> Path:
 def plan_source(
     source: Path,
     spec: TilingSpec,
-    encoder_identity: dict,
+    encoder_identity: EncoderIdentity,
     csv: Path | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
 ) -> ShardPlan:
@@ -174,7 +175,7 @@ def plan_source(
     return ShardPlan(spec_source, tiles, int(shard_size), encoder_identity, digest)
 
 
-def _plan_digest(source: Path, spec: SourceSpec, tiles: pd.DataFrame, shard_size: int, identity: dict) -> str:
+def _plan_digest(source: Path, spec: SourceSpec, tiles: pd.DataFrame, shard_size: int, identity: EncoderIdentity) -> str:
     """sha256 of everything a shard's content depends on (file versions, tiling, tiles, encoder)."""
     stat = source.stat()
     files = [[source.name, stat.st_size, stat.st_mtime_ns]]
@@ -187,7 +188,7 @@ def _plan_digest(source: Path, spec: SourceSpec, tiles: pd.DataFrame, shard_size
         "tiling": None if spec.tiling is None else asdict(spec.tiling),
         "stretch": None if spec.stretch is None else asdict(spec.stretch),
         "shard_size": shard_size,
-        "encoder": identity,
+        "encoder": identity.to_dict(),
     }
     h = hashlib.sha256(json.dumps(head, sort_keys=True, default=list).encode())
     h.update(pd.util.hash_pandas_object(tiles, index=False).to_numpy().tobytes())

@@ -33,16 +33,17 @@ from PIL import Image
 
 from cvgl.errors import IndexFormatError, IndexMismatchError, InputError
 from cvgl.geo import geodesic_distance_m
-from cvgl.index.backends import FAISS_BACKENDS, FAISS_FILE, VectorBackend, build_backend
+from cvgl.index.backends import FAISS_BACKENDS, FAISS_FILE, KINDS, build_backend, open_backend
+from cvgl.index.manifest import FORMAT_VERSION, MANIFEST, IndexManifest, read_manifest
+from cvgl.index.vectors import VectorBackend, rerank_exact
+from cvgl.models.identity import EncoderIdentity
 from cvgl.zeroshot.alignment import Alignment
 
-FORMAT_VERSION = 1
 FILES = ("manifest.json", "vectors.faiss", "raw.npy", "tiles.parquet", "alignment.npz")  # a flat/faiss index
 COMMON_FILES = ("manifest.json", "raw.npy", "tiles.parquet", "alignment.npz")
-RERANK_POOL = 256  # candidates re-scored exactly when searching with a different alignment
+RERANK_POOL = 256  # backend candidates re-scored exactly when the alignment differs from the stored one
 MMAP_RAM_FRACTION = 0.5  # auto mmap: when raw.npy + the index file exceed this share of available RAM
-INDEX_TYPES = ("auto", "flat", "sq8", "ivfpq", "qdrant")
-IDENTITY_KEYS = ("arch", "weights_sha256", "input_size", "mean", "std", "head")
+INDEX_TYPES = ("auto", *KINDS)
 
 
 @dataclass
@@ -50,7 +51,7 @@ class ReferenceIndex:
     """An opened index: search it with query descriptors (already encoded, not yet aligned)."""
 
     path: Path
-    manifest: dict
+    manifest: IndexManifest
     tiles: pd.DataFrame
     raw: np.ndarray  # [N, D] float32; a read-only np.memmap when opened memory-mapped
     alignment: Alignment
@@ -100,70 +101,68 @@ class ReferenceIndex:
     def search(self, queries: np.ndarray, k: int, near: tuple[float, float] | None = None,
                radius_km: float | None = None, alignment: Alignment | None = None,
                prior: tuple[np.ndarray | None, tuple[float, float, float] | None] | None = None,
-               ) -> tuple[np.ndarray, np.ndarray]:
+               pool: int = RERANK_POOL) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, rows) for raw query descriptors ``[Q, D]`` (rows -1 when fewer qualify).
 
         ``near`` + ``radius_km``: only tiles within that radius (Qdrant: its GeoRadius payload
         filter; faiss: the allowed rows); ``prior``: the same, already computed by :meth:`prior`.
-        ``alignment`` (e.g. a locate-time batch alignment) re-scores the backend's candidates
-        exactly — for a flat index with the stored alignment that changes nothing; otherwise
-        ``RERANK_POOL`` candidates per query are re-ranked."""
-        allowed, geo = prior if prior is not None else self.prior(near, radius_km)
+        ``alignment`` other than the stored one (e.g. a query-view alignment fitted on the
+        user's photos): the backend proposes ``max(k, pool)`` candidates under the stored
+        alignment and :meth:`exact_scores` re-ranks them (:func:`rerank_exact`)."""
         k = min(k, len(self))  # never more columns than tiles; -1 padding only when a filter leaves fewer
-        aligned = np.ascontiguousarray(self.alignment.apply(queries, "query"))
         if alignment is None or alignment is self.alignment:
-            return self.backend.search(aligned, k, allowed=allowed, geo=geo)
-        _, candidates = self.backend.search(aligned, max(k, RERANK_POOL), allowed=allowed, geo=geo)
-        from cvgl.index.backends import rerank_exact
-
+            return self.candidates(queries, k, prior, near, radius_km)
+        _, candidates = self.candidates(queries, max(k, pool), prior, near, radius_km)
         return rerank_exact(alignment.apply(queries, "query"), candidates,
                             lambda rows: alignment.apply(self.raw[rows], "reference"), k)
 
-    def scores(self, queries: np.ndarray, alignment: Alignment | None = None) -> np.ndarray:
-        """Similarity of each raw query descriptor to every tile ``[Q, N]``.
+    def candidates(self, queries: np.ndarray, k: int,
+                   prior: tuple[np.ndarray | None, tuple[float, float, float] | None] | None = None,
+                   near: tuple[float, float] | None = None, radius_km: float | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """The backend's own top-k under the stored alignment (the candidates of a re-rank)."""
+        allowed, geo = prior if prior is not None else self.prior(near, radius_km)
+        aligned = np.ascontiguousarray(self.alignment.apply(queries, "query"))
+        return self.backend.search(aligned, min(k, len(self)), allowed=allowed, geo=geo)
 
-        ``alignment`` replaces the stored one (e.g. fitted on a batch of photos at locate time);
-        the aligned reference is cached for the alignment last used.
+    def exact_scores(self, queries: np.ndarray, rows: np.ndarray | None = None, alignment: Alignment | None = None) -> np.ndarray:
+        """Exact similarity of raw query descriptors to tiles ``rows`` (all tiles when None): ``[Q, R]``.
+
+        ``alignment`` replaces the stored one; the aligned reference of every tile is cached for
+        the alignment last used (dense scoring of a small index), a subset is aligned on demand.
         """
         alignment = alignment or self.alignment
-        if self._aligned is None or self._aligned[0] is not alignment:
-            self._aligned = (alignment, alignment.apply(self.raw, "reference"))
-        return alignment.apply(queries, "query") @ self._aligned[1].T
+        if rows is None:
+            if self._aligned is None or self._aligned[0] is not alignment:
+                self._aligned = (alignment, alignment.apply(self.raw, "reference"))
+            reference = self._aligned[1]
+        else:
+            reference = alignment.apply(self.raw[np.asarray(rows)], "reference")
+        return alignment.apply(queries, "query") @ reference.T
 
     def overview(self) -> tuple[np.ndarray, tuple[float, float, float, float]] | None:
         path = self.path / "overview.png"
-        bounds = self.manifest.get("overview_bounds")
+        bounds = self.manifest.overview_bounds
         if not path.is_file() or not bounds:
             return None
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB")), tuple(bounds)
 
-    def check_encoder(self, identity: dict) -> None:
+    def check_encoder(self, identity: EncoderIdentity) -> None:
         """Refuse an encoder whose identity differs from the one that built this index."""
-        built = self.manifest["encoder"]
-        diffs = [key for key in IDENTITY_KEYS if _canon(built.get(key)) != _canon(identity.get(key))]
-        if diffs:
-            detail = ", ".join(f"{k}: index={_short(built.get(k))} vs encoder={_short(identity.get(k))}" for k in diffs)
+        built = self.manifest.encoder
+        if built.differences(identity):
             raise IndexMismatchError(
-                f"{self.path}: index was built with encoder '{built.get('preset')}' and differs in {detail}; "
-                f"re-index with this encoder or locate with --encoder {built.get('preset')} and the same weights"
+                f"{self.path}: index was built with encoder '{built.preset}' and differs in {built.describe_differences(identity)}; "
+                f"re-index with this encoder or locate with --encoder {built.preset} and the same weights"
             )
-
-
-def _canon(value) -> str:
-    return json.dumps(value, sort_keys=True)
-
-
-def _short(value) -> str:
-    text = _canon(value)
-    return text if len(text) <= 24 else text[:21] + "..."
 
 
 def write_index(
     out_dir: Path,
     raw: np.ndarray,
     tiles: pd.DataFrame,
-    encoder_identity: dict,
+    encoder_identity: EncoderIdentity,
     alignment: Alignment,
     extra: dict | None = None,
     overview: tuple[np.ndarray, tuple[float, float, float, float]] | None = None,
@@ -201,7 +200,7 @@ def write_index(
             "created_unix": int(time.time()),
             "count": len(raw),
             "dim": dim,
-            "encoder": encoder_identity,
+            "encoder": encoder_identity.to_dict(),
             "alignment": alignment.describe(),
             "index_type": backend.kind,
             "backend": backend.describe(),
@@ -210,7 +209,8 @@ def write_index(
         if overview is not None:
             Image.fromarray(overview[0]).save(tmp / "overview.png")
             manifest["overview_bounds"] = [float(b) for b in overview[1]]
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        typed = IndexManifest.from_dict(manifest, str(out_dir / MANIFEST))  # what open_index will read back
+        (tmp / MANIFEST).write_text(json.dumps(typed.to_dict(), indent=2))
         _swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -269,12 +269,7 @@ def should_mmap(path: Path) -> bool:
     return size > MMAP_RAM_FRACTION * _available_ram()
 
 
-def _manifest_type(manifest: dict) -> str:
-    kind = manifest.get("index_type", "flat")
-    return "flat" if kind == "flat-ip" else kind  # format-1 indexes written before backends
-
-
-def open_index(path: Path, encoder_identity: dict | None = None, mmap: bool | None = None) -> ReferenceIndex:
+def open_index(path: Path, encoder_identity: EncoderIdentity | None = None, mmap: bool | None = None) -> ReferenceIndex:
     """Open an index folder; with ``encoder_identity``, refuse a different encoder.
 
     ``mmap``: memory-map raw.npy and the faiss file (``IO_FLAG_MMAP_IFC`` for flat/SQ8 codes,
@@ -285,22 +280,14 @@ def open_index(path: Path, encoder_identity: dict | None = None, mmap: bool | No
     if not path.is_dir():
         raise IndexFormatError(f"{path}: no such index folder; build one with `cvgl index SOURCE --out {path}`")
     missing = [name for name in COMMON_FILES if not (path / name).is_file()]
-    if not missing:
-        try:
-            manifest = json.loads((path / "manifest.json").read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise IndexFormatError(f"{path}/manifest.json: unreadable ({exc}); rebuild the index") from None
-        kind = _manifest_type(manifest) if isinstance(manifest, dict) else "flat"
-        if kind in FAISS_BACKENDS and not (path / FAISS_FILE).is_file():
-            missing.append(FAISS_FILE)
     if missing:
         raise IndexFormatError(f"{path}: incomplete index (missing {', '.join(missing)}); rebuild it")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise IndexFormatError(
-            f"{path}: index format {manifest.get('format_version')} but this cvgl reads {FORMAT_VERSION}; rebuild it"
-        )
-    if kind not in (*FAISS_BACKENDS, "qdrant"):
+    manifest = read_manifest(path)
+    kind = manifest.index_type
+    if kind not in KINDS:
         raise IndexFormatError(f"{path}: unknown index type {kind!r} in manifest.json; rebuild it")
+    if kind in FAISS_BACKENDS and not (path / FAISS_FILE).is_file():
+        raise IndexFormatError(f"{path}: incomplete index (missing {FAISS_FILE}); rebuild it")
     mmap = should_mmap(path) if mmap is None else mmap
     readers = {
         "tiles.parquet": lambda p: pd.read_parquet(p),
@@ -314,24 +301,18 @@ def open_index(path: Path, encoder_identity: dict | None = None, mmap: bool | No
         except Exception as exc:  # noqa: BLE001 - any reader failure means a corrupt file
             raise IndexFormatError(f"{path / name}: corrupt ({type(exc).__name__}); rebuild the index") from None
     raw, alignment = parts["raw.npy"], parts["alignment.npz"]
-    params = dict(manifest.get("backend") or {})
 
     def vectors(rows: np.ndarray) -> np.ndarray:
         return alignment.apply(raw[rows], "reference")
 
     try:
-        if kind == "qdrant":
-            from cvgl.index.qdrant import QdrantBackend
-
-            backend = QdrantBackend.open(path, mmap, params)
-        else:
-            backend = FAISS_BACKENDS[kind].open(path, mmap, params, vectors)
+        backend = open_backend(kind, path, mmap, dict(manifest.backend), vectors)
     except Exception as exc:  # noqa: BLE001 - any reader failure means a corrupt or unreachable index
         where = path / (FAISS_FILE if kind in FAISS_BACKENDS else "qdrant")
         raise IndexFormatError(f"{where}: unreadable {kind} index ({type(exc).__name__}); rebuild the index") from None
     index = ReferenceIndex(path=path, manifest=manifest, tiles=parts["tiles.parquet"], raw=raw,
                            alignment=alignment, backend=backend)
-    if not (len(index.tiles) == len(index.raw) == len(backend) == manifest.get("count")):
+    if not (len(index.tiles) == len(index.raw) == len(backend) == manifest.count):
         raise IndexFormatError(f"{path}: tiles, vectors and manifest disagree on the count; rebuild the index")
     if encoder_identity is not None:
         index.check_encoder(encoder_identity)

@@ -1,7 +1,7 @@
 """DINOv2 backbone: timm's VisionTransformer with any input size and per-layer token access.
 
 Why a subclass and not ``timm.create_model``: (1) we load weights ourselves (embedded / file / hub,
-see :mod:`cvgl.weights`), (2) the position embedding is resized like Meta/Hugging Face DINOv2
+see :mod:`cvgl.models.weights`), (2) the position embedding is resized like Meta/Hugging Face DINOv2
 (bicubic, no antialias, to the exact token grid) so features match the reference implementation
 bit-for-bit at 224 px, where timm's default antialiased resize would not, and (3) hierarchical
 pooling needs the tokens of intermediate blocks, and stops running blocks after the deepest one

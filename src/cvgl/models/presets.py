@@ -94,6 +94,25 @@ HEAD_KINDS = ("salad", "netvlad", "cls")
 FINETUNE_MODES = ("frozen", "last_n", "full")
 
 
+@dataclass
+class ModelConfig:
+    """Siamese DINOv2 + aggregation head (shared by both views unless ``shared_head`` is false)."""
+
+    weights: str = "embedded"  # embedded | PATH | hub:<arch> | random:<arch>
+    finetune: str = "last_n"  # frozen | last_n | full
+    last_n: int = 4
+    head: str = "salad"  # salad | netvlad | cls
+    num_clusters: int = 64
+    cluster_dim: int = 128
+    token_dim: int = 256
+    dustbin: bool = True
+    out_dim: int | None = 1024
+    shared_head: bool = True
+    dropout: float = 0.3
+    query_size: tuple[int, int] = (224, 224)  # (height, width), multiples of 14
+    reference_size: tuple[int, int] = (224, 224)
+
+
 def get_preset(name: str) -> EncoderPreset:
     if name not in PRESETS:
         raise ValueError(f"unknown encoder preset '{name}'; choose one of {sorted(PRESETS)}")

@@ -131,11 +131,11 @@ class ServiceState:
 
     def bounds(self) -> tuple[float, float, float, float]:
         """(south, west, north, east) of the map: the overview's, else the tiles' plus a margin."""
-        stored = self.index.manifest.get("overview_bounds")
+        stored = self.index.manifest.overview_bounds
         if stored and (self.index.path / "overview.png").is_file():
             return tuple(float(b) for b in stored)  # type: ignore[return-value]
         lat, lon = self.index.tiles["lat"].to_numpy(), self.index.tiles["lon"].to_numpy()
-        tile_m = float(self.index.manifest.get("tile_m") or 100.0)
+        tile_m = self.index.manifest.tile_side_m
         dlat = tile_m / 111_320.0
         dlon = dlat / max(math.cos(math.radians(float(lat.mean()))), 1e-6)
         return float(lat.min() - dlat), float(lon.min() - dlon), float(lat.max() + dlat), float(lon.max() + dlon)
@@ -206,7 +206,7 @@ def create_app(
         raise ValueError(f"max_upload_mb must be positive, got {max_upload_mb}")
     index.check_encoder(encoder.identity)
     state = ServiceState(index, encoder, int(max_upload_mb * 1024 * 1024), options or LocateOptions())
-    preset = encoder.identity.get("preset") or index.manifest["encoder"].get("preset")
+    preset = encoder.identity.preset
     app = FastAPI(title="cvgl", summary="Cross-view geo-localization: locate a photo against an aerial index.")
     app.state.cvgl = state
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
@@ -225,10 +225,10 @@ def create_app(
             "index": index.path.name,
             "tiles": len(index),
             "encoder": preset,
-            "tile_m": index.manifest.get("tile_m"),
-            "stride_m": (index.manifest.get("tiling") or {}).get("stride_m"),
+            "tile_m": index.manifest.tile_m,
+            "stride_m": index.manifest.tiling.stride_m if index.manifest.tiling else None,
             "bounds": list(state.bounds()),  # south, west, north, east
-            "overview": (index.path / "overview.png").is_file() and bool(index.manifest.get("overview_bounds")),
+            "overview": (index.path / "overview.png").is_file() and bool(index.manifest.overview_bounds),
             "max_upload_bytes": state.max_upload_bytes,
             "views": list(VIEWS),
             "default_top_k": state.options.top_k,

@@ -8,9 +8,6 @@ gives one (AdamW 1e-4, cosine, M=64, l=128, 1024-d, last 4 blocks, k=64 of K=128
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,26 +15,8 @@ import yaml
 
 from cvgl.errors import InputError
 from cvgl.io import write_text_atomic
-from cvgl.models.presets import FINETUNE_MODES, HEAD_KINDS
-
-
-@dataclass
-class ModelConfig:
-    """Siamese DINOv2 + aggregation head (shared by both views unless ``shared_head`` is false)."""
-
-    weights: str = "embedded"  # embedded | PATH | hub:<arch> | random:<arch>
-    finetune: str = "last_n"  # frozen | last_n | full
-    last_n: int = 4
-    head: str = "salad"  # salad | netvlad | cls
-    num_clusters: int = 64
-    cluster_dim: int = 128
-    token_dim: int = 256
-    dustbin: bool = True
-    out_dim: int | None = 1024
-    shared_head: bool = True
-    dropout: float = 0.3
-    query_size: tuple[int, int] = (224, 224)  # (height, width), multiples of 14
-    reference_size: tuple[int, int] = (224, 224)
+from cvgl.models.presets import FINETUNE_MODES, HEAD_KINDS, ModelConfig
+from cvgl.typed import from_dict, plain_dict
 
 
 @dataclass
@@ -113,77 +92,6 @@ class TrainConfig:
         return plain_dict(self)
 
 
-def plain_dict(config) -> dict:
-    """A config dataclass as JSON/YAML-ready nested dicts and lists (tuples become lists)."""
-    return _plain(dataclasses.asdict(config))
-
-
-def _plain(value):
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _convert(cls, data, where: str):
-    """Build dataclass ``cls`` from ``data``, refusing unknown keys and wrong types."""
-    if not isinstance(data, dict):
-        raise InputError(f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise InputError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for key, value in data.items():
-        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}")
-    return cls(**kwargs)
-
-
-def _coerce(hint, value, where: str):
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        return _convert(hint, value, where)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, where)
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise InputError(f"{where}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(a, v, where) for a, v in zip(args, value))
-    if origin is list:
-        if not isinstance(value, list):
-            raise InputError(f"{where}: expected a list, got {value!r}")
-        (arg,) = typing.get_args(hint)
-        return [_coerce(arg, v, where) for v in value]
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise InputError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise InputError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"{where}: expected a whole number, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise InputError(f"{where}: expected text, got {value!r}")
-        return value
-    return value
-
-
 CHOICES = {
     "model.finetune": FINETUNE_MODES,
     "model.head": HEAD_KINDS,
@@ -228,7 +136,7 @@ def load_config(path: Path, overrides: list[str] | None = None) -> TrainConfig:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = yaml.safe_load(text)
-    return validate(_convert(TrainConfig, data, str(path)), str(path))
+    return validate(from_dict(TrainConfig, data, str(path)), str(path))
 
 
 def save_config(config: TrainConfig, path: Path) -> Path:
@@ -236,9 +144,4 @@ def save_config(config: TrainConfig, path: Path) -> Path:
 
 
 def config_from_dict(data: dict, where: str = "config") -> TrainConfig:
-    return validate(_convert(TrainConfig, data, where), where)
-
-
-def model_config_from_dict(data: dict, where: str = "model config") -> ModelConfig:
-    """The ``model`` section alone (as stored in a trained export), typed like a YAML file's."""
-    return _convert(ModelConfig, data, where)
+    return validate(from_dict(TrainConfig, data, where), where)

