@@ -55,9 +55,10 @@ def crop_geotiff(source: Path, out: Path, bounds: tuple[float, float, float, flo
 
 def test_locate_wv2_drone_photos_in_wv3_corner(tmp_path: Path) -> None:
     _require_real_data()
-    from cvgl.data.raster import TilingSpec, raster_info
+    from cvgl.data.raster import raster_info
     from cvgl.data.samples import longmont_scene
     from cvgl.data.synthetic import QueryFamily, make_queries, write_query_photo
+    from cvgl.data.tiling import TilingSpec
     from cvgl.index.build import build_index
     from cvgl.index.store import open_index
     from cvgl.locate import LocateOptions, locate_images

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import rasterio
 
-from cvgl.data.raster import TilingSpec
+from cvgl.data.tiling import TilingSpec
 from cvgl.errors import IndexFormatError, IndexMismatchError, InputError
 from cvgl.index.build import build_index
 from cvgl.index.store import FILES, open_index, write_index
@@ -311,7 +311,7 @@ def test_build_index_from_geotiff(tmp_path: Path, utm_geotiff: Path, tiny_encode
     assert index.overview() is not None
 
     # the stored raw vectors are the encoder's descriptors of the tiles
-    from cvgl.data.raster import iter_tiles
+    from cvgl.data.tiling import iter_tiles
 
     first = next(iter(iter_tiles(utm_geotiff, spec)))
     assert first.tile_id == tiles["tile_id"].iloc[0]

@@ -9,23 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+from affine import Affine
 from pyproj import Transformer
 from rasterio.errors import NotGeoreferencedWarning
-from affine import Affine
 
 from cvgl.data.raster import (
     BandStretch,
-    TilingSpec,
     compute_stretch,
-    count_tiles,
-    iter_tiles,
     open_raster,
     raster_info,
     raster_overview,
     read_region,
-    read_tile_folder,
-    tile_grid,
 )
+from cvgl.data.tile_folder import read_tile_folder
+from cvgl.data.tiling import TilingSpec, count_tiles, iter_tiles, tile_grid
 from cvgl.errors import InputError
 from cvgl.geo import WGS84_GEOD
 

@@ -20,8 +20,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cvgl.cli import main
-from cvgl.data.raster import TilingSpec
 from cvgl.data.samples import longmont_scene
+from cvgl.data.tiling import TilingSpec
 from cvgl.index.build import build_index
 from cvgl.index.ray_embed import (
     READER_CPU_RESERVE,

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from cvgl.data.metadata import CameraMetadata, write_camera_metadata
-from cvgl.data.raster import TilingSpec
+from cvgl.data.tiling import TilingSpec
 from cvgl.index.build import build_index
 from cvgl.index.store import open_index
 from cvgl.locate import LocateOptions, locate_images

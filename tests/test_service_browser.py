@@ -74,9 +74,9 @@ def test_page_locates_a_dropped_drone_photo(tmp_path: Path) -> None:
     from selenium.webdriver.support.ui import WebDriverWait
     from test_e2e_real import LEFT, SIDE, TOP, crop_geotiff
 
-    from cvgl.data.raster import TilingSpec
     from cvgl.data.samples import longmont_scene
     from cvgl.data.synthetic import QueryFamily, make_queries, write_query_photo
+    from cvgl.data.tiling import TilingSpec
     from cvgl.index.build import build_index
     from cvgl.models.factory import create_encoder
     from cvgl.models.presets import DEFAULT_PRESET

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from cvgl.data.images import load_image
-from cvgl.data.raster import TilingSpec, iter_tiles
+from cvgl.data.tiling import TilingSpec, iter_tiles
 from cvgl.errors import InputError
 from cvgl.index import shards
 from cvgl.index.build import build_index
@@ -192,7 +192,10 @@ def test_tile_folder_build_equals_reference(tmp_path: Path, tiny_encoder) -> Non
     index = open_index(build_index(folder, tmp_path / "idx", encoder, progress=False, shard_size=3))
     assert index.tiles["tile_id"].tolist() == names
     assert index.tiles["source"].tolist() == [Path(n).name for n in names]
-    assert "path_in_folder" not in index.tiles.columns
+    # The tile's path inside the folder is kept, so nested tiles can be shown again (maps, service).
+    assert index.tiles["path_in_folder"].tolist() == names
+    for row, name in enumerate(names):
+        np.testing.assert_array_equal(index.tile_image(row), np.asarray(load_image(folder / name)))
     expected = np.concatenate([encoder.encode([load_image(folder / n) for n in names[s : s + 3]]) for s in range(0, 7, 3)])
     np.testing.assert_array_equal(index.raw, expected)
     assert index.manifest.source.kind == "tile-folder" and index.manifest.tile_m_estimated

@@ -163,7 +163,7 @@ def _threads(args: argparse.Namespace) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from cvgl.data.raster import TilingSpec
+    from cvgl.data.tiling import TilingSpec
     from cvgl.index.build import build_index
     from cvgl.index.ray_embed import RayOptions, check_reachable, import_ray
     from cvgl.models.factory import EncoderRecipe

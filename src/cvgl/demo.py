@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cvgl.data.raster import TilingSpec
 from cvgl.data.samples import longmont_scene
 from cvgl.data.synthetic import QueryFamily, make_queries, write_query_photo
+from cvgl.data.tiling import TilingSpec
 from cvgl.evaluate import recall_at_k_by_distance
 from cvgl.index.build import build_index
 from cvgl.index.store import open_index

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from cvgl.data.images import load_image
-from cvgl.data.raster import read_region
 from cvgl.errors import CvglError
 from cvgl.geo import geodesic_distance_m
 from cvgl.index.store import ReferenceIndex
@@ -15,17 +14,21 @@ from cvgl.viz import write_map_html, write_retrieval_grid
 
 
 def tile_image(index: ReferenceIndex, row: int) -> np.ndarray:
-    """Re-read a tile's pixels from its source (indexes keep vectors, not pixels)."""
-    tile = index.tiles.iloc[row]
-    source = index.manifest.source
-    path = Path(source.path) if source is not None and source.path else None
-    if path is None or not path.exists():
-        return np.zeros((64, 64, 3), dtype=np.uint8)
-    if source.kind == "tile-folder":
-        return np.asarray(load_image(path / str(tile["source"])))
-    tiling = index.manifest.tiling
-    return read_region(path, float(tile["x"]), float(tile["y"]), index.manifest.tile_side_m,
-                       tiling.gsd_m, tiling.bands)
+    """A tile's pixels for a picture; a grey placeholder (and one warning) when its source is gone."""
+    try:
+        return index.tile_image(row)
+    except CvglError as exc:
+        _warn_once(str(exc))
+        return np.full((64, 64, 3), 96, dtype=np.uint8)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def write_visuals(
@@ -60,10 +63,7 @@ def write_visuals(
         correct = [None] * len(top)
         if truth[0] is not None and (result.get("pitch_deg", 0.0) <= 1.0 or "true_center_lat" in result):
             correct = [bool(geodesic_distance_m(t["lat"], t["lon"], truth[0], truth[1]) <= radius) for t in top]
-        try:
-            tiles = [tile_image(index, row_of[t["tile_id"]]) for t in top]
-        except CvglError:
-            tiles = [np.zeros((64, 64, 3), dtype=np.uint8) for _ in top]
+        tiles = [tile_image(index, row_of[t["tile_id"]]) for t in top]
         rows.append({"query_image": query_images[i], "query_name": Path(result["query"]).name,
                      "tiles": tiles, "scores": [t["score"] for t in top], "correct": correct})
     write_retrieval_grid(grid_path, rows)

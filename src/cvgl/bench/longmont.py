@@ -34,9 +34,10 @@ import numpy as np
 
 from cvgl.bench.common import Methods, emit_section, machine_line, top_k_per_query
 from cvgl.data.geometry import rotate_image
-from cvgl.data.raster import TilingSpec, iter_tiles, raster_info, read_region
+from cvgl.data.raster import raster_info, read_region
 from cvgl.data.samples import longmont_scene
 from cvgl.data.synthetic import QueryFamily, make_queries, write_query_photo
+from cvgl.data.tiling import TilingSpec, iter_tiles
 from cvgl.evaluate import recall_at_k_by_distance
 from cvgl.geo import geodesic_distance_m
 from cvgl.locate import LocateOptions, prepare_query

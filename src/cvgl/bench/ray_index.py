@@ -69,8 +69,8 @@ def _load() -> float:
 
 
 def measure(quick: bool, workers: int, shard_size: int, log) -> Result:
-    from cvgl.data.raster import TilingSpec
     from cvgl.data.samples import longmont_scene
+    from cvgl.data.tiling import TilingSpec
     from cvgl.index.build import build_index
     from cvgl.index.ray_embed import RayOptions, ray_session
     from cvgl.index.store import open_index

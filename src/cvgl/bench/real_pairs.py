@@ -267,8 +267,8 @@ def load_pixels(item: Query | GalleryItem, colour: bool = False) -> np.ndarray:
 
 def longmont_distractors(**tiling) -> list[GalleryItem]:
     """Longmont WV3 tiles (default :data:`DISTRACTOR_TILING`: 529 tiles of 224 px) as gallery items."""
-    from cvgl.data.raster import TilingSpec, iter_tiles
     from cvgl.data.samples import longmont_scene
+    from cvgl.data.tiling import TilingSpec, iter_tiles
 
     spec = TilingSpec(**{**DISTRACTOR_TILING, **tiling})
     return [

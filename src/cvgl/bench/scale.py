@@ -204,8 +204,8 @@ def grow_descriptors(real: np.ndarray, n: int, queries: int, growth: Growth = Gr
 
 def real_longmont_descriptors(weights: str = "embedded") -> np.ndarray:
     """Default-encoder descriptors of the Longmont WV3 tiles (112 m every 56 m, 0.5 m GSD)."""
-    from cvgl.data.raster import TilingSpec, iter_tiles
     from cvgl.data.samples import longmont_scene
+    from cvgl.data.tiling import TilingSpec, iter_tiles
     from cvgl.models.factory import create_encoder
 
     encoder = create_encoder(weights=weights)

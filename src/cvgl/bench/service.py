@@ -121,9 +121,9 @@ def _row(name: str, wall: float, latencies: list[float], concurrency: int, load_
 def run(requests: int, concurrency: int, in_process_runs: int, weights: str, threads: int, argv: Sequence[str], log) -> str:
     import torch
 
-    from cvgl.data.raster import TilingSpec
     from cvgl.data.samples import longmont_scene
     from cvgl.data.synthetic import QueryFamily, make_queries, write_query_photo
+    from cvgl.data.tiling import TilingSpec
     from cvgl.index.build import build_index
     from cvgl.index.store import open_index
     from cvgl.locate import LocateOptions, locate_images

@@ -226,8 +226,8 @@ def index_run(weights: str = "embedded", cli: bool = True) -> IndexRunResult:
     """Time indexing Longmont WV3 (112 m tiles, stride 56 m, 0.5 m GSD, default encoder) several ways."""
     import subprocess
 
-    from cvgl.data.raster import TilingSpec, iter_tiles
     from cvgl.data.samples import longmont_scene
+    from cvgl.data.tiling import TilingSpec, iter_tiles
     from cvgl.index.build import build_index
     from cvgl.models.factory import create_encoder
     from cvgl.models.presets import DEFAULT_PRESET

@@ -1,13 +1,8 @@
-"""GeoTIFF orthophotos → overlapping, geo-tagged RGB tiles (the reference side of retrieval).
+"""Reading GeoTIFF orthophotos: validation, ground geometry, radiometric stretch, regions, previews.
 
-Design choices, and why:
+Cutting a raster into tiles is :mod:`cvgl.data.tiling`; a folder of tile images is
+:mod:`cvgl.data.tile_folder`. Design choices, and why:
 
-* **Ground units, not pixels.** A tiling is specified in metres (``tile_m``, ``stride_m``) and a
-  target ground sample distance (``gsd_m``). Every raster – WorldView-3 at 0.3 m, WorldView-2 at
-  0.5 m, a drone orthophoto at 3 cm – therefore yields tiles that cover the same ground at the same
-  scale, which is what a scale-sensitive image encoder needs. Windows are kept in *fractional*
-  source pixels and read with GDAL resampling to exactly ``round(tile_m / gsd_m)`` pixels, so no
-  rounding drift accumulates across the grid.
 * **Ground size per pixel.** For a projected CRS (UTM, national grids; any linear unit) the pixel
   size in the CRS unit converted to metres is used as-is, so at native GSD a tile is an exact
   pixel crop. For a geographic (EPSG:4326) raster there is no such unit: the local metres per
@@ -16,16 +11,13 @@ Design choices, and why:
   whose scale at the centre is off by more than 1 % (Web Mercator's "metres" are stretched by
   1/cos(lat)). The scale is taken once, at the centre: over the 1–20 km regions cvgl targets it
   varies by about 0.1 % or less towards the edges, i.e. centimetres per tile.
-* **The grid is centred**: ``n = floor((extent - tile) / stride) + 1`` tiles per axis and the
-  leftover strip (< one stride) is split evenly between both edges.
 * **One radiometric scale per raster.** 16-bit and float imagery is mapped to uint8 with per-band
   percentiles (default 2–98 %) computed ONCE from a decimated read of the whole raster with nodata
   excluded. Per-tile stretching would make a dark field and a bright roof look alike and would
   give neighbouring overlapping tiles different colours. uint8 imagery is already display-scaled
   and is passed through unchanged (set ``stretch_uint8=True`` to stretch it as well).
 * **Nodata** comes from GDAL's mask (``read_masks``: nodata value, alpha band or internal mask) plus
-  non-finite floats. Tiles with more than ``max_empty_fraction`` nodata are dropped; remaining
-  nodata pixels are set to 0.
+  non-finite floats; nodata pixels are set to 0.
 * Every rasterio/GDAL failure is turned into a one-line :class:`~cvgl.errors.InputError` that names
   the file; no GDAL traceback reaches the user.
 """
@@ -33,13 +25,12 @@ Design choices, and why:
 from __future__ import annotations
 
 import contextlib
-import csv
 import math
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import numpy as np
 import rasterio
@@ -54,31 +45,20 @@ from cvgl.geo import WGS84_GEOD, crs_key, to_latlon
 
 __all__ = [
     "SUPPORTED_DTYPES",
-    "IMAGE_EXTENSIONS",
-    "TilingSpec",
     "BandStretch",
-    "Tile",
-    "GridCell",
     "RasterInfo",
-    "TileRecord",
+    "RasterGeometry",
     "open_raster",
     "raster_info",
     "compute_stretch",
-    "tile_grid",
-    "count_tiles",
-    "iter_tiles",
     "read_region",
     "raster_overview",
-    "read_tile_folder",
 ]
 
 PathLike = Union[str, os.PathLike]
 
 #: Pixel types accepted for reference rasters (8/16-bit and float orthophotos and satellite scenes).
 SUPPORTED_DTYPES = ("uint8", "uint16", "int16", "float32")
-
-#: File extensions recognised when a CSV id is given without one.
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp")
 
 # Decimated read size for the whole-raster percentile statistics: 1024² samples pin the 2nd/98th
 # percentiles to well under one grey level while reading a 3340² scene in a fraction of a second.
@@ -88,60 +68,13 @@ _STATS_MAX_SIDE = 1024
 # exact pixel crops instead of resampling everything by a 0.9996 scale factor for 4 cm per tile.
 _NOMINAL_SCALE_TOLERANCE = 0.01
 # Output tile sizes outside this range are almost certainly a unit mistake (cm vs m, px vs m).
-_MIN_TILE_PX, _MAX_TILE_PX = 8, 4096
+MIN_TILE_PX, MAX_TILE_PX = 8, 4096
 _EPS = 1e-9
 
 
 # ----------------------------------------------------------------------------------------------
 # Public data types
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TilingSpec:
-    """How to cut a raster into tiles; every size is in ground metres.
-
-    Attributes:
-        tile_m: ground length of a tile side. 112 m at 0.5 m GSD gives the 224 px a ViT expects.
-        stride_m: distance between neighbouring tile origins; half a tile means every ground
-            point lies in up to four tiles, so a query is never only at a tile's edge.
-        gsd_m: target ground sample distance of the output tiles; ``None`` keeps the raster's
-            native resolution (the finer axis for non-square pixels).
-        bands: 1-based band indexes, either one band (replicated to grey RGB) or three (R, G, B).
-            ``None`` = auto: a 1- or 2-band raster (grey, grey + alpha) uses band 1 three times;
-            3+ bands use the bands GDAL labels red/green/blue, else bands 1, 2, 3. For a
-            DigitalGlobe/Maxar 8-band MUL product (coastal, blue, green, yellow, red, red-edge,
-            NIR1, NIR2) that would be coastal/blue/green, so pass ``bands=(5, 3, 2)`` for true
-            colour (4-band MUL: blue, green, red, NIR → ``bands=(3, 2, 1)``).
-        stretch: (low, high) percentiles mapped to 0 and 255, computed once over the whole raster
-            with nodata excluded. ``None`` = no clipping (linear min → max). Not applied to
-            uint8 rasters unless ``stretch_uint8`` is true.
-        stretch_uint8: also stretch uint8 rasters (useful for hazy or low-contrast 8-bit scenes).
-        max_empty_fraction: tiles with a larger fraction of nodata pixels are skipped.
-    """
-
-    tile_m: float = 112.0
-    stride_m: float = 56.0
-    gsd_m: float | None = 0.5
-    bands: tuple[int, ...] | None = None
-    stretch: tuple[float, float] | None = (2.0, 98.0)
-    stretch_uint8: bool = False
-    max_empty_fraction: float = 0.5
-
-    def __post_init__(self) -> None:
-        _check_positive("tile_m", self.tile_m)
-        _check_positive("stride_m", self.stride_m)
-        if self.gsd_m is not None:
-            _check_positive("gsd_m", self.gsd_m)
-        if self.bands is not None:
-            object.__setattr__(self, "bands", tuple(int(b) for b in self.bands))
-            _check_band_tuple(self.bands)
-        if self.stretch is not None:
-            object.__setattr__(self, "stretch", _check_percentiles(self.stretch))
-        if not (0.0 <= float(self.max_empty_fraction) <= 1.0):
-            raise InputError(
-                f"tiling: max_empty_fraction must be between 0 and 1 (got {self.max_empty_fraction})"
-            )
 
 
 @dataclass(frozen=True)
@@ -165,42 +98,6 @@ class BandStretch:
         return np.ascontiguousarray(img)
 
 
-@dataclass
-class Tile:
-    """One reference tile: pixels plus where it is.
-
-    ``lat``/``lon`` (EPSG:4326) and ``x``/``y`` (in ``crs``, the source CRS) are the tile centre;
-    ``window`` is ``(col_off, row_off, width, height)`` in fractional source pixels; ``gsd_m`` is
-    the ground sample distance actually delivered (``tile_m / image side``); ``crs`` is the source
-    CRS as ``"EPSG:<code>"`` (or WKT); ``valid_fraction`` is the share of non-nodata pixels.
-    """
-
-    tile_id: str
-    image: np.ndarray
-    lat: float
-    lon: float
-    x: float
-    y: float
-    window: tuple[float, float, float, float]
-    gsd_m: float
-    crs: str
-    valid_fraction: float = 1.0
-
-
-@dataclass(frozen=True)
-class GridCell:
-    """A tile position in the grid, known without reading any pixel."""
-
-    tile_id: str
-    row: int
-    col: int
-    window: tuple[float, float, float, float]
-    x: float
-    y: float
-    lat: float
-    lon: float
-
-
 @dataclass(frozen=True)
 class RasterInfo:
     """What cvgl needs to know about a validated raster (no pixels read)."""
@@ -219,22 +116,13 @@ class RasterInfo:
     is_geographic: bool
 
 
-class TileRecord(NamedTuple):
-    """One row of a tile-folder CSV, resolved to an existing image file."""
-
-    tile_id: str
-    image_path: Path
-    lat: float
-    lon: float
-
-
 # ----------------------------------------------------------------------------------------------
 # Opening and validation
 # ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class _Geometry:
+class RasterGeometry:
     """Ground geometry of a north-up raster, measured once at its centre."""
 
     width: int
@@ -254,17 +142,17 @@ def open_raster(path: PathLike) -> DatasetReader:
     to lat/lon (projected, any linear unit, or geographic); the pixel type is one of
     :data:`SUPPORTED_DTYPES`.
     """
-    ds, _ = _open(path)
+    ds, _ = open_validated(path)
     return ds
 
 
 def raster_info(path: PathLike) -> RasterInfo:
     """Validate ``path`` and describe it: CRS, size, pixel size in metres, lat/lon bounds."""
-    ds, geom = _open(path)
+    ds, geom = open_validated(path)
     with ds:
         b = ds.bounds
         south, west, north, east = _bounds_latlon(geom)
-        clat, clon = _pixel_to_latlon(geom, np.array([geom.width / 2]), np.array([geom.height / 2]))
+        clat, clon = pixel_to_latlon(geom, np.array([geom.width / 2]), np.array([geom.height / 2]))
         return RasterInfo(
             path=str(path),
             crs=geom.crs,
@@ -281,7 +169,7 @@ def raster_info(path: PathLike) -> RasterInfo:
         )
 
 
-def _open(path: PathLike) -> tuple[DatasetReader, _Geometry]:
+def open_validated(path: PathLike) -> tuple[DatasetReader, RasterGeometry]:
     name = str(path)
     p = Path(path)
     if not p.exists():
@@ -296,7 +184,7 @@ def _open(path: PathLike) -> tuple[DatasetReader, _Geometry]:
             ds = rasterio.open(p)
     except (RasterioError, CPLE_BaseError) as exc:
         raise InputError(
-            f"{name}: not a readable raster ({_one_line(exc)}); give a GeoTIFF or another "
+            f"{name}: not a readable raster ({one_line(exc)}); give a GeoTIFF or another "
             "GDAL-readable image"
         ) from None
     try:
@@ -304,7 +192,7 @@ def _open(path: PathLike) -> tuple[DatasetReader, _Geometry]:
     except CRSError as exc:
         ds.close()
         raise InputError(
-            f"{name}: CRS cannot be interpreted ({_one_line(exc)}); reproject to a UTM or "
+            f"{name}: CRS cannot be interpreted ({one_line(exc)}); reproject to a UTM or "
             "EPSG:4326 CRS with gdalwarp -t_srs"
         ) from None
     except BaseException:
@@ -313,7 +201,7 @@ def _open(path: PathLike) -> tuple[DatasetReader, _Geometry]:
     return ds, geom
 
 
-def _validate(ds: DatasetReader, name: str) -> _Geometry:
+def _validate(ds: DatasetReader, name: str) -> RasterGeometry:
     t = ds.transform
     if ds.crs is None or t.is_identity:
         raise InputError(
@@ -342,10 +230,10 @@ def _validate(ds: DatasetReader, name: str) -> _Geometry:
         key = crs_key(ds.crs)
     except Exception as exc:  # pyproj raises several types for exotic/local CRSs
         raise InputError(
-            f"{name}: CRS cannot be interpreted ({_one_line(exc)}); reproject to a UTM or "
+            f"{name}: CRS cannot be interpreted ({one_line(exc)}); reproject to a UTM or "
             "EPSG:4326 CRS with gdalwarp -t_srs"
         ) from None
-    geom = _Geometry(
+    geom = RasterGeometry(
         width=ds.width,
         height=ds.height,
         px_m_x=1.0,
@@ -360,7 +248,7 @@ def _validate(ds: DatasetReader, name: str) -> _Geometry:
         abs(g / n - 1.0) < _NOMINAL_SCALE_TOLERANCE for g, n in zip((px_m_x, px_m_y), nominal)
     ):
         px_m_x, px_m_y = nominal
-    return _Geometry(
+    return RasterGeometry(
         width=geom.width,
         height=geom.height,
         px_m_x=px_m_x,
@@ -382,7 +270,7 @@ def _nominal_pixel_size(ds: DatasetReader, t: rasterio.Affine) -> tuple[float, f
     return abs(t.a) * float(factor), abs(t.e) * float(factor)
 
 
-def _ground_pixel_size(geom: _Geometry, name: str) -> tuple[float, float]:
+def _ground_pixel_size(geom: RasterGeometry, name: str) -> tuple[float, float]:
     """Metres per source pixel along x and y, measured geodesically at the raster centre.
 
     Works for any CRS that converts to lat/lon: metres per degree for geographic rasters, true
@@ -395,12 +283,12 @@ def _ground_pixel_size(geom: _Geometry, name: str) -> tuple[float, float]:
     cols = np.array([cx - span, cx + span, cx, cx])
     rows = np.array([cy, cy, cy - span, cy + span])
     try:
-        lat, lon = _pixel_to_latlon(geom, cols, rows)
+        lat, lon = pixel_to_latlon(geom, cols, rows)
         dx = WGS84_GEOD.inv(lon[0], lat[0], lon[1], lat[1])[2]
         dy = WGS84_GEOD.inv(lon[2], lat[2], lon[3], lat[3])[2]
     except Exception as exc:  # pyproj: ProjError / CRSError for CRSs without a path to WGS84
         raise InputError(
-            f"{name}: its CRS cannot be converted to lat/lon ({_one_line(exc)}); reproject to a "
+            f"{name}: its CRS cannot be converted to lat/lon ({one_line(exc)}); reproject to a "
             "UTM or EPSG:4326 CRS with gdalwarp -t_srs"
         ) from None
     px_x, px_y = dx / (2 * span), dy / (2 * span)
@@ -412,19 +300,19 @@ def _ground_pixel_size(geom: _Geometry, name: str) -> tuple[float, float]:
     return float(px_x), float(px_y)
 
 
-def _pixel_to_latlon(geom: _Geometry, cols: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    xs, ys = _pixel_to_xy(geom.transform, cols, rows)
+def pixel_to_latlon(geom: RasterGeometry, cols: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = pixel_to_xy(geom.transform, cols, rows)
     lat, lon = to_latlon(geom.crs, xs, ys)
     return np.asarray(lat), np.asarray(lon)
 
 
-def _pixel_to_xy(t: rasterio.Affine, cols: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def pixel_to_xy(t: rasterio.Affine, cols: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     cols = np.asarray(cols, dtype=np.float64)
     rows = np.asarray(rows, dtype=np.float64)
     return t.a * cols + t.b * rows + t.c, t.d * cols + t.e * rows + t.f
 
 
-def _bounds_latlon(geom: _Geometry) -> tuple[float, float, float, float]:
+def _bounds_latlon(geom: RasterGeometry) -> tuple[float, float, float, float]:
     """(south, west, north, east) of the raster, from points along all four edges.
 
     Sampling the edges (not just corners) catches the bulge of projected edges in lat/lon.
@@ -433,33 +321,33 @@ def _bounds_latlon(geom: _Geometry) -> tuple[float, float, float, float]:
     s = np.linspace(0.0, 1.0, n)
     cols = np.concatenate([s * geom.width, s * geom.width, np.zeros(n), np.full(n, geom.width)])
     rows = np.concatenate([np.zeros(n), np.full(n, geom.height), s * geom.height, s * geom.height])
-    lat, lon = _pixel_to_latlon(geom, cols, rows)
+    lat, lon = pixel_to_latlon(geom, cols, rows)
     return float(lat.min()), float(lon.min()), float(lat.max()), float(lon.max())
 
 
 @contextlib.contextmanager
-def _gdal_errors(name: str, what: str) -> Iterator[None]:
+def gdal_errors(name: str, what: str) -> Iterator[None]:
     """Turn rasterio/GDAL exceptions raised while reading into a one-line InputError."""
     try:
         yield
     except (RasterioError, CPLE_BaseError) as exc:
         raise InputError(
-            f"{name}: {what} failed ({_one_line(exc)}); the file may be truncated or corrupt"
+            f"{name}: {what} failed ({one_line(exc)}); the file may be truncated or corrupt"
         ) from None
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text[:200] if text else type(exc).__name__
 
 
-def _check_positive(what: str, value: object) -> None:
+def check_positive(what: str, value: object) -> None:
     ok = isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(float(value))
     if not ok or float(value) <= 0:  # type: ignore[arg-type]
         raise InputError(f"tiling: {what} must be a positive number of metres (got {value!r})")
 
 
-def _check_band_tuple(bands: tuple[int, ...]) -> None:
+def check_band_tuple(bands: tuple[int, ...]) -> None:
     if len(bands) not in (1, 3) or any(b < 1 for b in bands):
         raise InputError(
             f"bands {bands}: give one band (grey) or three 1-based bands in R,G,B order, "
@@ -467,7 +355,7 @@ def _check_band_tuple(bands: tuple[int, ...]) -> None:
         )
 
 
-def _check_percentiles(pct: Sequence[float]) -> tuple[float, float]:
+def check_percentiles(pct: Sequence[float]) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in pct)
     except (TypeError, ValueError):
@@ -482,7 +370,7 @@ def _check_percentiles(pct: Sequence[float]) -> tuple[float, float]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _resolve_bands(ds: DatasetReader, bands: Sequence[int] | None, name: str) -> tuple[int, int, int]:
+def resolve_bands(ds: DatasetReader, bands: Sequence[int] | None, name: str) -> tuple[int, int, int]:
     """The three 1-based band indexes to read as R, G, B."""
     if bands is None:
         if ds.count < 3:
@@ -494,7 +382,7 @@ def _resolve_bands(ds: DatasetReader, bands: Sequence[int] | None, name: str) ->
             return (r, g, b)
         return (1, 2, 3)
     chosen = tuple(int(b) for b in bands)
-    _check_band_tuple(chosen)
+    check_band_tuple(chosen)
     too_big = [b for b in chosen if b > ds.count]
     if too_big:
         raise InputError(
@@ -506,21 +394,21 @@ def _resolve_bands(ds: DatasetReader, bands: Sequence[int] | None, name: str) ->
     return chosen  # type: ignore[return-value]
 
 
-def _unique(bands: tuple[int, int, int]) -> tuple[list[int], list[int]]:
+def unique_bands(bands: tuple[int, int, int]) -> tuple[list[int], list[int]]:
     """Distinct bands to read and, for each RGB channel, its position among them."""
     uniq = sorted(set(bands))
     return uniq, [uniq.index(b) for b in bands]
 
 
-def _all_valid(ds: DatasetReader, uniq: list[int]) -> bool:
+def all_valid(ds: DatasetReader, uniq: list[int]) -> bool:
     return all(MaskFlags.all_valid in ds.mask_flag_enums[b - 1] for b in uniq)
 
 
-def _read_valid(
+def read_valid_mask(
     ds: DatasetReader, uniq: list[int], window: Window, out_h: int, out_w: int
 ) -> np.ndarray | None:
     """GDAL validity mask (True = data) at the output size, or None if every pixel is valid."""
-    if _all_valid(ds, uniq):
+    if all_valid(ds, uniq):
         return None
     masks = ds.read_masks(
         uniq, window=window, out_shape=(len(uniq), out_h, out_w), resampling=Resampling.nearest
@@ -528,7 +416,7 @@ def _read_valid(
     return np.all(masks > 0, axis=0)
 
 
-def _combine_valid(valid: np.ndarray | None, data: np.ndarray) -> np.ndarray | None:
+def combine_valid(valid: np.ndarray | None, data: np.ndarray) -> np.ndarray | None:
     if data.dtype.kind == "f":
         finite = np.all(np.isfinite(data), axis=0)
         if not finite.all():
@@ -542,7 +430,7 @@ _STRETCH_CACHE: dict[tuple[object, ...], BandStretch] = {}
 _STRETCH_CACHE_SIZE = 32
 
 
-def _cached_stretch(
+def cached_stretch(
     ds: DatasetReader,
     path: PathLike,
     bands: tuple[int, int, int],
@@ -579,11 +467,11 @@ def compute_stretch(
     from one orthophoto reads the statistics once. uint8 rasters get the identity map unless
     ``stretch_uint8`` is true; ``percentiles=None`` maps the valid min → 0 and max → 255.
     """
-    pct = None if percentiles is None else _check_percentiles(percentiles)
-    ds, _ = _open(path)
+    pct = None if percentiles is None else check_percentiles(percentiles)
+    ds, _ = open_validated(path)
     with ds:
-        chosen = _resolve_bands(ds, bands, str(path))
-        return _cached_stretch(ds, path, chosen, pct, stretch_uint8)
+        chosen = resolve_bands(ds, bands, str(path))
+        return cached_stretch(ds, path, chosen, pct, stretch_uint8)
 
 
 def _compute_stretch(
@@ -595,13 +483,13 @@ def _compute_stretch(
 ) -> BandStretch:
     if ds.dtypes[0] == "uint8" and not stretch_uint8:
         return BandStretch((0.0, 0.0, 0.0), (255.0, 255.0, 255.0))
-    uniq, pos = _unique(bands)
+    uniq, pos = unique_bands(bands)
     scale = min(1.0, _STATS_MAX_SIDE / max(ds.width, ds.height))
     out_h, out_w = max(1, round(ds.height * scale)), max(1, round(ds.width * scale))
-    with _gdal_errors(name, "reading the raster statistics"):
+    with gdal_errors(name, "reading the raster statistics"):
         data = ds.read(uniq, out_shape=(len(uniq), out_h, out_w), resampling=Resampling.nearest)
-        valid = _read_valid(ds, uniq, Window(0, 0, ds.width, ds.height), out_h, out_w)
-    valid = _combine_valid(valid, data)
+        valid = read_valid_mask(ds, uniq, Window(0, 0, ds.width, ds.height), out_h, out_w)
+    valid = combine_valid(valid, data)
     lo_pct, hi_pct = pct if pct is not None else (0.0, 100.0)
     lows, highs = [], []
     for i in range(len(uniq)):
@@ -616,174 +504,18 @@ def _compute_stretch(
     )
 
 
-def _read_data(
+def read_bands(
     ds: DatasetReader, name: str, uniq: list[int], window: Window, out_px: int
 ) -> np.ndarray:
     """Read ``window`` of the given bands resampled to ``out_px``² (area down, bilinear up)."""
     downsampling = window.width > out_px * (1 + 1e-6) or window.height > out_px * (1 + 1e-6)
     resampling = Resampling.average if downsampling else Resampling.bilinear
-    with _gdal_errors(name, f"reading window {_fmt_window(window)}"):
+    with gdal_errors(name, f"reading window {format_window(window)}"):
         return ds.read(uniq, window=window, out_shape=(len(uniq), out_px, out_px), resampling=resampling)
 
 
-def _fmt_window(w: Window) -> str:
+def format_window(w: Window) -> str:
     return f"(col {w.col_off:.1f}, row {w.row_off:.1f}, {w.width:.1f}×{w.height:.1f} px)"
-
-
-# ----------------------------------------------------------------------------------------------
-# Tiling
-# ----------------------------------------------------------------------------------------------
-
-
-def _tile_px(geom: _Geometry, spec: TilingSpec, name: str) -> int:
-    gsd = spec.gsd_m if spec.gsd_m is not None else min(geom.px_m_x, geom.px_m_y)
-    px = round(spec.tile_m / gsd)
-    if not (_MIN_TILE_PX <= px <= _MAX_TILE_PX):
-        raise InputError(
-            f"{name}: tile_m {spec.tile_m} m at {gsd:.3g} m/px gives {px} px tiles; choose "
-            f"tile_m and gsd_m so tiles are {_MIN_TILE_PX}–{_MAX_TILE_PX} px (e.g. 112 m at 0.5 m)"
-        )
-    return px
-
-
-def _axis_offsets(n_px: int, px_m: float, spec: TilingSpec) -> np.ndarray:
-    """Tile origins (fractional source pixels) along one axis of ``n_px`` pixels, grid centred."""
-    extent = n_px * px_m
-    n = int(math.floor((extent - spec.tile_m) / spec.stride_m + 1e-9)) + 1
-    margin = (extent - ((n - 1) * spec.stride_m + spec.tile_m)) / 2.0
-    offsets = (margin + np.arange(n) * spec.stride_m) / px_m
-    size_px = spec.tile_m / px_m
-    return np.clip(offsets, 0.0, max(0.0, n_px - size_px))
-
-
-def _grid(geom: _Geometry, spec: TilingSpec, name: str) -> list[GridCell]:
-    for n_px, px_m, axis in ((geom.width, geom.px_m_x, "wide"), (geom.height, geom.px_m_y, "tall")):
-        if n_px * px_m < spec.tile_m * (1 - 1e-9):
-            raise InputError(
-                f"{name}: raster is {n_px * px_m:.1f} m {axis}, smaller than one {spec.tile_m:g} m "
-                "tile; use a larger raster or a smaller tile_m"
-            )
-    w_px, h_px = spec.tile_m / geom.px_m_x, spec.tile_m / geom.px_m_y
-    col_offs = _axis_offsets(geom.width, geom.px_m_x, spec)
-    row_offs = _axis_offsets(geom.height, geom.px_m_y, spec)
-    rr, cc = np.meshgrid(np.arange(len(row_offs)), np.arange(len(col_offs)), indexing="ij")
-    rr, cc = rr.ravel(), cc.ravel()
-    ccol = col_offs[cc] + w_px / 2.0
-    crow = row_offs[rr] + h_px / 2.0
-    xs, ys = _pixel_to_xy(geom.transform, ccol, crow)
-    lat, lon = to_latlon(geom.crs, xs, ys)
-    lat, lon = np.atleast_1d(lat), np.atleast_1d(lon)
-    return [
-        GridCell(
-            tile_id=f"r{int(r):04d}_c{int(c):04d}",
-            row=int(r),
-            col=int(c),
-            window=(float(col_offs[c]), float(row_offs[r]), float(w_px), float(h_px)),
-            x=float(xs[i]),
-            y=float(ys[i]),
-            lat=float(lat[i]),
-            lon=float(lon[i]),
-        )
-        for i, (r, c) in enumerate(zip(rr, cc))
-    ]
-
-
-def tile_grid(path: PathLike, spec: TilingSpec = TilingSpec()) -> list[GridCell]:
-    """Every grid position of ``path`` under ``spec``, row-major, without reading pixels.
-
-    Per axis there are ``floor((extent_m - tile_m) / stride_m) + 1`` positions, centred on the
-    raster. Cells are not filtered for nodata (see :func:`count_tiles` for the kept count).
-    """
-    ds, geom = _open(path)
-    with ds:
-        _tile_px(geom, spec, str(path))
-        return _grid(geom, spec, str(path))
-
-
-def _mask_fraction_ok(valid: np.ndarray | None, spec: TilingSpec) -> tuple[bool, float]:
-    """Whether a tile's nodata fraction is acceptable, and its valid fraction."""
-    if valid is None:
-        return True, 1.0
-    frac = float(valid.mean())
-    return (1.0 - frac) <= spec.max_empty_fraction + 1e-12, frac
-
-
-def _needs_data_for_mask(ds: DatasetReader) -> bool:
-    """Float rasters without a nodata value can still mark holes with NaN, visible only in data."""
-    return ds.dtypes[0] == "float32" and ds.nodata is None
-
-
-def _scan(
-    path: PathLike, spec: TilingSpec, with_pixels: bool
-) -> Iterator[tuple[GridCell, np.ndarray | None, float, np.ndarray | None, _Geometry, int]]:
-    """Walk the grid, applying the nodata filter; read pixels only when needed.
-
-    Yields ``(cell, data 3-channel-ordered or None, valid_fraction, valid mask, geometry, px)``
-    for kept cells. The GDAL mask is checked first so that empty tiles cost no pixel read.
-    """
-    name = str(path)
-    ds, geom = _open(path)
-    with ds:
-        out_px = _tile_px(geom, spec, name)
-        cells = _grid(geom, spec, name)
-        bands = _resolve_bands(ds, spec.bands, name)
-        uniq, pos = _unique(bands)
-        all_valid = _all_valid(ds, uniq)
-        nan_check = _needs_data_for_mask(ds)
-        for cell in cells:
-            window = Window(*cell.window)
-            valid = None
-            if not all_valid:
-                with _gdal_errors(name, "reading the nodata mask"):
-                    valid = _read_valid(ds, uniq, window, out_px, out_px)
-                if not _mask_fraction_ok(valid, spec)[0]:
-                    continue
-            data = None
-            if with_pixels or nan_check:
-                data = _read_data(ds, name, uniq, window, out_px)
-                valid = _combine_valid(valid, data)
-            keep, frac = _mask_fraction_ok(valid, spec)
-            if not keep:
-                continue
-            yield cell, (None if data is None else data[pos]), frac, valid, geom, out_px
-
-
-def kept_cells(path: PathLike, spec: TilingSpec = TilingSpec()) -> list[GridCell]:
-    """The grid cells :func:`iter_tiles` yields tiles for, in the same order.
-
-    Reads only nodata masks (nothing at all for rasters without nodata), so it is much cheaper
-    than tiling; float rasters without a nodata value are read to find NaN holes.
-    """
-    return [cell for cell, *_ in _scan(path, spec, with_pixels=False)]
-
-
-def count_tiles(path: PathLike, spec: TilingSpec = TilingSpec()) -> int:
-    """Exactly how many tiles :func:`iter_tiles` will yield (for progress bars)."""
-    return len(kept_cells(path, spec))
-
-
-def iter_tiles(path: PathLike, spec: TilingSpec = TilingSpec()) -> Iterator[Tile]:
-    """Yield the tiles of ``path`` row by row, skipping those with too much nodata.
-
-    Each tile is ``round(tile_m / gsd_m)`` pixels square, resampled from the source window with
-    area averaging when downsampling and bilinear interpolation when upsampling, and mapped to
-    uint8 with the raster-wide :class:`BandStretch` (see :func:`compute_stretch`).
-    """
-    stretch = compute_stretch(path, spec.bands, spec.stretch, spec.stretch_uint8)
-    for cell, data, frac, valid, geom, out_px in _scan(path, spec, with_pixels=True):
-        assert data is not None  # with_pixels=True always reads
-        yield Tile(
-            tile_id=cell.tile_id,
-            image=stretch.apply(data, valid),
-            lat=cell.lat,
-            lon=cell.lon,
-            x=cell.x,
-            y=cell.y,
-            window=cell.window,
-            gsd_m=spec.tile_m / out_px,
-            crs=geom.crs,
-            valid_fraction=frac,
-        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -811,15 +543,15 @@ def read_region(
     entirely inside the raster; nodata pixels inside it are 0.
     """
     name = str(path)
-    _check_positive("size_m", size_m)
+    check_positive("size_m", size_m)
     if gsd_m is not None:
-        _check_positive("gsd_m", gsd_m)
-    ds, geom = _open(path)
+        check_positive("gsd_m", gsd_m)
+    ds, geom = open_validated(path)
     with ds:
-        chosen = _resolve_bands(ds, bands, name)
+        chosen = resolve_bands(ds, bands, name)
         gsd = gsd_m if gsd_m is not None else min(geom.px_m_x, geom.px_m_y)
         out_px = round(size_m / gsd)
-        if not (1 <= out_px <= 4 * _MAX_TILE_PX):
+        if not (1 <= out_px <= 4 * MAX_TILE_PX):
             raise InputError(
                 f"{name}: region of {size_m:g} m at {gsd:.3g} m/px would be {out_px} px; "
                 "choose size_m and gsd_m for 1–16384 px"
@@ -847,13 +579,13 @@ def read_region(
         if isinstance(stretch, BandStretch):
             band_stretch = stretch
         else:
-            pct = None if stretch is None else _check_percentiles(stretch)
-            band_stretch = _cached_stretch(ds, path, chosen, pct, stretch_uint8)
-        uniq, pos = _unique(chosen)
-        with _gdal_errors(name, "reading the nodata mask"):
-            valid = _read_valid(ds, uniq, window, out_px, out_px)
-        data = _read_data(ds, name, uniq, window, out_px)
-        return band_stretch.apply(data[pos], _combine_valid(valid, data))
+            pct = None if stretch is None else check_percentiles(stretch)
+            band_stretch = cached_stretch(ds, path, chosen, pct, stretch_uint8)
+        uniq, pos = unique_bands(chosen)
+        with gdal_errors(name, "reading the nodata mask"):
+            valid = read_valid_mask(ds, uniq, window, out_px, out_px)
+        data = read_bands(ds, name, uniq, window, out_px)
+        return band_stretch.apply(data[pos], combine_valid(valid, data))
 
 
 def raster_overview(
@@ -874,138 +606,18 @@ def raster_overview(
     name = str(path)
     if int(max_side) < 1:
         raise InputError(f"overview: max_side must be a positive number of pixels (got {max_side})")
-    ds, geom = _open(path)
+    ds, geom = open_validated(path)
     with ds:
-        chosen = _resolve_bands(ds, bands, name)
-        pct = None if stretch is None else _check_percentiles(stretch)
-        band_stretch = _cached_stretch(ds, path, chosen, pct, stretch_uint8)
+        chosen = resolve_bands(ds, bands, name)
+        pct = None if stretch is None else check_percentiles(stretch)
+        band_stretch = cached_stretch(ds, path, chosen, pct, stretch_uint8)
         scale = min(1.0, int(max_side) / max(ds.width, ds.height))
         out_h, out_w = max(1, round(ds.height * scale)), max(1, round(ds.width * scale))
-        uniq, pos = _unique(chosen)
+        uniq, pos = unique_bands(chosen)
         full = Window(0, 0, ds.width, ds.height)
         resampling = Resampling.average if scale < 1.0 else Resampling.nearest
-        with _gdal_errors(name, "reading the overview"):
+        with gdal_errors(name, "reading the overview"):
             data = ds.read(uniq, out_shape=(len(uniq), out_h, out_w), resampling=resampling)
-            valid = _read_valid(ds, uniq, full, out_h, out_w)
-        valid = _combine_valid(valid, data)
+            valid = read_valid_mask(ds, uniq, full, out_h, out_w)
+        valid = combine_valid(valid, data)
         return band_stretch.apply(data[pos], valid), _bounds_latlon(geom)
-
-
-# ----------------------------------------------------------------------------------------------
-# Folder of tiles + CSV
-# ----------------------------------------------------------------------------------------------
-
-
-def read_tile_folder(folder: PathLike, csv_path: PathLike | None = None) -> list[TileRecord]:
-    """Read a folder of image tiles and the CSV that geo-tags them (header ``id,lat,lon``).
-
-    ``id`` is the tile's file name with or without extension (relative paths inside the folder
-    work too); ``lat``/``lon`` are the tile centre in degrees (EPSG:4326). Extra columns are
-    ignored, column order is free, header case is ignored. The default CSV is
-    ``<folder>/tiles.csv``. Any bad row raises a one-line :class:`InputError` with its line number.
-    """
-    root = Path(folder)
-    if not root.is_dir():
-        raise InputError(f"{folder}: not a folder; give a folder of image tiles with a tiles.csv")
-    csv_file = Path(csv_path) if csv_path is not None else root / "tiles.csv"
-    if not csv_file.is_file():
-        raise InputError(
-            f"{csv_file}: CSV not found; write one with header id,lat,lon (id = tile file name)"
-        )
-    by_name, by_stem = _folder_index(root)
-    records: list[TileRecord] = []
-    seen: dict[str, int] = {}
-    used_files: dict[Path, int] = {}
-    try:
-        with open(csv_file, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh)
-            header = next(reader, None)
-            if header is None:
-                raise InputError(f"{csv_file}: empty CSV; the first line must be the header id,lat,lon")
-            cols = [h.strip().lower() for h in header]
-            missing = [c for c in ("id", "lat", "lon") if c not in cols]
-            if missing:
-                raise InputError(
-                    f"{csv_file}: missing column(s) {', '.join(missing)}; the header must contain "
-                    f"id,lat,lon (found: {','.join(h.strip() for h in header)})"
-                )
-            i_id, i_lat, i_lon = cols.index("id"), cols.index("lat"), cols.index("lon")
-            for row in reader:
-                line = reader.line_num
-                if not row or all(not cell.strip() for cell in row):
-                    continue
-                where = f"{csv_file}, line {line}"
-                if len(row) <= max(i_id, i_lat, i_lon):
-                    raise InputError(f"{where}: {len(row)} field(s), expected at least {len(cols)}")
-                tile_id = row[i_id].strip()
-                if not tile_id:
-                    raise InputError(f"{where}: empty id; give the tile's file name")
-                lat = _parse_coord(row[i_lat], "lat", 90.0, where)
-                lon = _parse_coord(row[i_lon], "lon", 180.0, where)
-                if tile_id in seen:
-                    raise InputError(f"{where}: id '{tile_id}' already used on line {seen[tile_id]}")
-                seen[tile_id] = line
-                image = _resolve_tile_file(root, tile_id, by_name, by_stem, where)
-                if image in used_files:
-                    raise InputError(
-                        f"{where}: id '{tile_id}' names {image.name}, already listed on line "
-                        f"{used_files[image]}"
-                    )
-                used_files[image] = line
-                records.append(TileRecord(tile_id, image, lat, lon))
-    except UnicodeDecodeError:
-        raise InputError(f"{csv_file}: not a UTF-8 text CSV; save it as UTF-8 CSV") from None
-    except csv.Error as exc:
-        raise InputError(f"{csv_file}: malformed CSV ({_one_line(exc)})") from None
-    if not records:
-        raise InputError(f"{csv_file}: no tiles listed; add rows of id,lat,lon")
-    return records
-
-
-def _parse_coord(text: str, what: str, limit: float, where: str) -> float:
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise InputError(f"{where}: {what} '{text.strip()}' is not a number") from None
-    if not math.isfinite(value) or not (-limit <= value <= limit):
-        raise InputError(
-            f"{where}: {what} {text.strip()} is out of range [-{limit:g}, {limit:g}] "
-            "(are lat and lon swapped, or not in degrees?)"
-        )
-    return value
-
-
-def _folder_index(root: Path) -> tuple[dict[str, Path], dict[str, list[Path]]]:
-    by_name: dict[str, Path] = {}
-    by_stem: dict[str, list[Path]] = {}
-    for entry in sorted(root.iterdir()):
-        if not entry.is_file():
-            continue
-        by_name[entry.name] = entry
-        if entry.suffix.lower() in IMAGE_EXTENSIONS:
-            by_stem.setdefault(entry.stem, []).append(entry)
-    return by_name, by_stem
-
-
-def _resolve_tile_file(
-    root: Path, tile_id: str, by_name: dict[str, Path], by_stem: dict[str, list[Path]], where: str
-) -> Path:
-    if tile_id in by_name:
-        return by_name[tile_id]
-    candidates = by_stem.get(tile_id, [])
-    if len(candidates) == 1:
-        return candidates[0]
-    if len(candidates) > 1:
-        names = ", ".join(p.name for p in candidates)
-        raise InputError(f"{where}: id '{tile_id}' matches several files ({names}); use the full file name")
-    nested = root / tile_id
-    if os.sep in tile_id or "/" in tile_id:
-        if nested.is_file():
-            return nested
-        for ext in IMAGE_EXTENSIONS:
-            if nested.with_name(nested.name + ext).is_file():
-                return nested.with_name(nested.name + ext)
-    raise InputError(
-        f"{where}: no file for id '{tile_id}' in {root}; ids are tile file names with or "
-        "without extension"
-    )

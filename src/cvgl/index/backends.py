@@ -32,7 +32,14 @@ import faiss
 import numpy as np
 
 from cvgl.index.qdrant import QdrantBackend
-from cvgl.index.vectors import RowVectors, VectorBackend, exact_top_k, no_results, pad_results, rerank_exact
+from cvgl.index.vectors import (
+    RowVectors,
+    VectorBackend,
+    exact_top_k,
+    no_results,
+    pad_results,
+    rerank_exact,
+)
 
 FAISS_FILE = "vectors.faiss"
 FLAT_MAX = 200_000  # auto: exact below this many vectors

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cvgl.data.raster import TilingSpec, raster_overview
+from cvgl.data.raster import raster_overview
+from cvgl.data.tiling import TilingSpec
 from cvgl.geo import typical_spacing_m
 from cvgl.index.ray_embed import RayOptions
 from cvgl.index.shards import (

@@ -33,16 +33,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cvgl.data.images import load_image
-from cvgl.data.raster import (
-    BandStretch,
-    TilingSpec,
-    compute_stretch,
-    kept_cells,
-    raster_info,
-    read_region,
-    read_tile_folder,
-)
+from cvgl.data.raster import raster_info
+from cvgl.data.tile_folder import read_tile_folder
+from cvgl.data.tiling import TileSource, TilingSpec, kept_cells
 from cvgl.errors import InputError
 from cvgl.io import write_bytes_atomic, write_json_atomic
 from cvgl.models.identity import EncoderIdentity
@@ -50,32 +43,16 @@ from cvgl.models.identity import EncoderIdentity
 SHARD_FORMAT = 1
 DEFAULT_SHARD_SIZE = 128
 PLAN_FILE = "plan.json"
-# Plan columns that tell a reader where the pixels are but are not part of the index's tile table.
-_READ_ONLY_COLUMNS = ("path_in_folder",)
 _DIGEST_KEY = b"cvgl.plan_digest"
 
 Log = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """What a reader needs to turn a shard's rows into pixels: small and picklable (for workers).
-
-    ``stretch`` is the raster-wide radiometric scale, computed once when planning so every worker
-    maps 16-bit values to uint8 identically without re-reading the raster statistics.
-    """
-
-    path: str
-    kind: str  # "geotiff" | "tile-folder"
-    tiling: TilingSpec | None = None
-    stretch: BandStretch | None = None
 
 
 @dataclass
 class ShardPlan:
     """Which tiles go in which shard, and the digest that identifies this exact plan."""
 
-    source: SourceSpec
+    source: TileSource
     tiles: pd.DataFrame  # planned rows in tile order (table metadata + where to read them)
     shard_size: int
     encoder_identity: EncoderIdentity
@@ -148,7 +125,7 @@ def plan_source(
                 "path_in_folder": [r.image_path.relative_to(source).as_posix() for r in records],
             }
         )
-        spec_source = SourceSpec(str(source.resolve()), "tile-folder")
+        spec_source = TileSource(str(source.resolve()), "tile-folder")
     else:
         cells = kept_cells(source, spec)  # nodata masks only: no pixels, no stretch
         if not cells:
@@ -169,13 +146,12 @@ def plan_source(
                 "height": [c.window[3] for c in cells],
             }
         )
-        stretch = compute_stretch(source, spec.bands, spec.stretch, spec.stretch_uint8)
-        spec_source = SourceSpec(str(source.resolve()), "geotiff", spec, stretch)
+        spec_source = TileSource(str(source.resolve()), "geotiff", spec).with_stretch()
     digest = _plan_digest(source, spec_source, tiles, int(shard_size), encoder_identity)
     return ShardPlan(spec_source, tiles, int(shard_size), encoder_identity, digest)
 
 
-def _plan_digest(source: Path, spec: SourceSpec, tiles: pd.DataFrame, shard_size: int, identity: EncoderIdentity) -> str:
+def _plan_digest(source: Path, spec: TileSource, tiles: pd.DataFrame, shard_size: int, identity: EncoderIdentity) -> str:
     """sha256 of everything a shard's content depends on (file versions, tiling, tiles, encoder)."""
     stat = source.stat()
     files = [[source.name, stat.st_size, stat.st_mtime_ns]]
@@ -205,25 +181,17 @@ def _file_version(path: Path) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------
 
 
-def read_shard(source: SourceSpec, rows: pd.DataFrame) -> tuple[list[np.ndarray], pd.DataFrame]:
+def read_shard(source: TileSource, rows: pd.DataFrame) -> tuple[list[np.ndarray], pd.DataFrame]:
     """Pixels (HxWx3 uint8) of one shard's tiles, and its rows of the index's tile table.
 
     GeoTIFF tiles are read as ground regions centred on the planned cell with the raster-wide
     stretch: the same pixels :func:`iter_tiles` gives (compared in the tests).
     """
-    table = rows.drop(columns=[c for c in _READ_ONLY_COLUMNS if c in rows.columns])
+    table = rows.reset_index(drop=True)
     if source.kind == "tile-folder":
-        folder = Path(source.path)
-        images = [np.asarray(load_image(folder / p)) for p in rows["path_in_folder"]]
-        return images, table.reset_index(drop=True)
-    spec = source.tiling
-    assert spec is not None and source.stretch is not None
-    images = [
-        read_region(source.path, x, y, spec.tile_m, spec.gsd_m, spec.bands, source.stretch)
-        for x, y in zip(rows["x"], rows["y"])
-    ]
-    table = table.assign(gsd_m=[spec.tile_m / image.shape[0] for image in images])
-    return images, table.reset_index(drop=True)
+        return [source.read(path_in_folder=p) for p in rows["path_in_folder"]], table
+    images = [source.read(x, y) for x, y in zip(rows["x"], rows["y"])]
+    return images, table.assign(gsd_m=[source.tiling.tile_m / image.shape[0] for image in images])
 
 
 def write_shard(folder: Path, shard: int, table: pd.DataFrame, vectors: np.ndarray, digest: str) -> Path:

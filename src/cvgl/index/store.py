@@ -31,9 +31,16 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from cvgl.data.tiling import TileSource, TilingSpec
 from cvgl.errors import IndexFormatError, IndexMismatchError, InputError
 from cvgl.geo import geodesic_distance_m
-from cvgl.index.backends import FAISS_BACKENDS, FAISS_FILE, KINDS, build_backend, open_backend
+from cvgl.index.backends import (
+    FAISS_BACKENDS,
+    FAISS_FILE,
+    KINDS,
+    build_backend,
+    open_backend,
+)
 from cvgl.index.manifest import FORMAT_VERSION, MANIFEST, IndexManifest, read_manifest
 from cvgl.index.vectors import VectorBackend, rerank_exact
 from cvgl.models.identity import EncoderIdentity
@@ -139,6 +146,30 @@ class ReferenceIndex:
         else:
             reference = alignment.apply(self.raw[np.asarray(rows)], "reference")
         return alignment.apply(queries, "query") @ reference.T
+
+    def tile_source(self) -> TileSource:
+        """Where this index's tile pixels are (raises :class:`InputError` when that is unknown)."""
+        source = self.manifest.source
+        if source is None or not source.path:
+            raise InputError(f"{self.path}: the index does not record where its tiles came from; rebuild it to see tiles")
+        tiling = self.manifest.tiling
+        spec = None if tiling is None else TilingSpec(tiling.tile_m, tiling.stride_m, tiling.gsd_m, tiling.bands)
+        return TileSource(source.path, source.kind, spec)
+
+    def tile_image(self, row: int) -> np.ndarray:
+        """Re-read one tile's pixels from its source (an index keeps vectors, not pixels).
+
+        Raises :class:`InputError` naming the file when the source was moved or is unreadable,
+        so a map or a grid can say so instead of showing black tiles.
+        """
+        source = self.tile_source()
+        if not Path(source.path).exists():
+            raise InputError(f"{source.path}: the index's source {source.kind} is missing (moved or deleted); tiles cannot be shown")
+        tile = self.tiles.iloc[int(row)]
+        if source.kind == "tile-folder":
+            inside = tile["path_in_folder"] if "path_in_folder" in tile else tile["source"]
+            return source.read(path_in_folder=str(inside))
+        return source.read(float(tile["x"]), float(tile["y"]))
 
     def overview(self) -> tuple[np.ndarray, tuple[float, float, float, float]] | None:
         path = self.path / "overview.png"

@@ -92,7 +92,13 @@ def prepared_split(split, folder: Path):
 
 
 def _load(data: DataConfig, split: str):
-    from cvgl.data.datasets import load_cvact, load_cvusa, load_pairs_csv, load_university1652, load_vigor
+    from cvgl.data.datasets import (
+        load_cvact,
+        load_cvusa,
+        load_pairs_csv,
+        load_university1652,
+        load_vigor,
+    )
 
     root = Path(data.root)
     if data.kind == "pairs-csv":

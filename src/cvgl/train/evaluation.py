@@ -86,9 +86,9 @@ class LongmontProtocol:
     def __init__(self, per_family: int = 50, families: list[str] | None = None, seed: int = 0) -> None:
         from cvgl.bench.longmont import SPEC, east_west, prepare_family
         from cvgl.bench.longmont import families as all_families
-        from cvgl.data.raster import iter_tiles
         from cvgl.data.samples import longmont_scene
         from cvgl.data.synthetic import make_queries
+        from cvgl.data.tiling import iter_tiles
         from cvgl.locate import LocateOptions
 
         self.tiles = list(iter_tiles(longmont_scene("wv3"), SPEC))
