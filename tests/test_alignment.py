@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cvgl.zeroshot.alignment import (
+from cvgl.alignment import (
     KINDS,
     Alignment,
     fit_alignment,

@@ -53,7 +53,7 @@ def test_cvusa_splits_pair_rows_one_to_one(trees):
     root = trees["cvusa"]
     train, val = load_cvusa(root, "train"), load_cvusa(root, "val")
     assert (len(train.queries), len(val.queries)) == (fx.CVUSA_COUNTS["train"], fx.CVUSA_COUNTS["val"])
-    assert train.query_view == "street" and train.reference_view == "satellite"
+    assert train.query_view == "street" and train.reference_view == "aerial"
     assert train.pairs() == [(i, i) for i in range(4)]
     assert [q.location for q in train.queries] == [0, 1, 2, 3]  # id 0 is kept
     assert train.queries[0].path == root / "streetview/panos/0000000.jpg"

@@ -90,7 +90,8 @@ def test_locate_wv2_drone_photos_in_wv3_corner(tmp_path: Path) -> None:
     (tmp_path / "photos").mkdir()
     photos = [write_query_photo(q, tmp_path / "photos") for q in queries]
 
-    results, scores, _ = locate_images(photos, encoder, index, LocateOptions(top_k=5), progress=False)
+    answers, scores, _ = locate_images(photos, encoder, index, LocateOptions(top_k=5), progress=False)
+    results = [a.to_dict() for a in answers]
 
     radius = TILE_M / math.sqrt(2.0)
     hits = []

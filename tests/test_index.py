@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 import rasterio
 
+from cvgl.alignment import DEFAULT_KIND, fit_alignment
 from cvgl.data.tiling import TilingSpec
 from cvgl.errors import IndexFormatError, IndexMismatchError, InputError
 from cvgl.index.build import build_index
 from cvgl.index.store import FILES, open_index, write_index
 from cvgl.models.identity import EncoderIdentity
-from cvgl.zeroshot.alignment import DEFAULT_KIND, fit_alignment
 
 IDENTITY_DICT = {
     "preset": "gem",
@@ -458,24 +458,22 @@ def test_search_with_another_alignment_reranks_exactly(tmp_path: Path) -> None:
 @pytest.mark.parametrize("prior", [False, True])
 def test_locate_searched_scores_equal_dense_scores(tmp_path: Path, monkeypatch, prior: bool) -> None:
     """locate's search path (large / non-flat indexes) against its dense path on the same index."""
-    from cvgl import locate
+    from cvgl.index import search
 
     raw, tiles, queries = _structured(500)
     write_index(tmp_path / "idx", raw, tiles, IDENTITY, fit_alignment("none", raw), index_type="flat")
     index = open_index(tmp_path / "idx")
     hypotheses = queries[:4]  # one photo's heading hypotheses
     batch = fit_alignment("center", raw, queries=queries)
-    options = locate.LocateOptions(candidates=500, near=(40.132, -105.147) if prior else None,
-                                   radius_km=0.1 if prior else None)
-    allowed = index.allowed_rows(options.near, options.radius_km) if prior else None
-    dense_scores, dense_hyp = locate.hypothesis_scores(index, hypotheses, batch, options, allowed)
-    monkeypatch.setattr(locate, "DENSE_MAX", 0)
-    full_scores, full_hyp = locate.hypothesis_scores(index, hypotheses, batch, options, allowed)
+    near = ((40.132, -105.147), 0.1) if prior else (None, None)
+    geo_prior = index.prior(*near)
+    dense_scores, dense_hyp = search.hypothesis_scores(index, hypotheses, batch, geo_prior, candidates=500)
+    monkeypatch.setattr(search, "DENSE_MAX", 0)
+    full_scores, full_hyp = search.hypothesis_scores(index, hypotheses, batch, geo_prior, candidates=500)
     np.testing.assert_allclose(full_scores, dense_scores, atol=1e-5)  # pool = every tile: identical
     finite = np.isfinite(dense_scores)
     np.testing.assert_array_equal(full_hyp[finite], dense_hyp[finite])
-    few = locate.LocateOptions(candidates=8, near=options.near, radius_km=options.radius_km)
-    part_scores, _ = locate.hypothesis_scores(index, hypotheses, batch, few, allowed)
+    part_scores, _ = search.hypothesis_scores(index, hypotheses, batch, geo_prior, candidates=8)
     scored = np.isfinite(part_scores)
     assert 8 <= scored.sum() <= 4 * 8
     np.testing.assert_allclose(part_scores[scored], dense_scores[scored], atol=1e-5)

@@ -13,14 +13,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from cvgl.answer import answer_from_scores
 from cvgl.data.metadata import CameraMetadata, write_camera_metadata
 from cvgl.errors import InputError
 from cvgl.geo import geodesic_distance_m, offset_latlon, tile_half_diagonal_m
-from cvgl.locate import Hypothesis, LocateOptions, PreparedQuery, answer, prepare_query
+from cvgl.preprocess import Hypothesis, PreparedQuery, QueryOptions, prepare_query
 
 
 class FakeIndex:
-    """Just what ``answer`` reads: a tile table and a manifest."""
+    """Just what ``answer_from_scores`` reads: a tile table and a manifest."""
 
     def __init__(self, lat: np.ndarray, lon: np.ndarray, tile_m: float) -> None:
         self.tiles = pd.DataFrame({"tile_id": [f"t{i}" for i in range(len(lat))], "lat": lat, "lon": lon})
@@ -41,7 +42,7 @@ def test_oblique_camera_position_is_behind_the_matched_ground_point(heading: flo
     scores[12] = 0.9
     meta = CameraMetadata(gps_lat=cam_lat, gps_lon=cam_lon)
     query = PreparedQuery("q.jpg", [Hypothesis(np.zeros((4, 4, 3), np.uint8), heading, 1.0)], "metadata", pitch, altitude, meta)
-    result = answer(query, scores, np.zeros(len(lat), dtype=int), FakeIndex(lat, lon, 50.0), LocateOptions(top_k=3))
+    result = answer_from_scores(query, scores, np.zeros(len(lat), dtype=int), FakeIndex(lat, lon, 50.0), top_k=3).to_dict()
     assert result["top_k"][0]["tile_id"] == "t12"
     assert geodesic_distance_m(result["lat"], result["lon"], c_lat, c_lon) < 1.0
     assert result["error_m"] < 1.0  # camera estimate vs EXIF GPS
@@ -66,7 +67,7 @@ def _photo(tmp_path: Path, meta: CameraMetadata) -> Path:
 def test_unusable_camera_pose_is_a_one_line_input_error(tmp_path: Path, meta: CameraMetadata, words: str) -> None:
     path = _photo(tmp_path, meta)
     with pytest.raises(InputError) as info:
-        prepare_query(path, LocateOptions(), tile_m=112.0, gsd_m=0.5)
+        prepare_query(path, QueryOptions(), tile_m=112.0, gsd_m=0.5)
     message = str(info.value)
     assert "p.jpg" in message and words in message and "\n" not in message
 
@@ -80,7 +81,7 @@ def test_portrait_photo_uses_the_long_side_field_of_view(tmp_path: Path) -> None
         path = tmp_path / f"{name}.jpg"
         meta = CameraMetadata(gimbal_pitch_deg=-90.0, gimbal_yaw_deg=0.0, relative_altitude_m=40.0, focal_length_35mm=f35)
         write_camera_metadata(Image.fromarray(np.full((*hw, 3), 128, np.uint8)), path, meta)
-        query = prepare_query(path, LocateOptions(pad_to_tile=False), tile_m=1000.0, gsd_m=0.5)
+        query = prepare_query(path, QueryOptions(pad_to_tile=False), tile_m=1000.0, gsd_m=0.5)
         sizes[name] = query.hypotheses[0].image.shape[:2]
     # no padding, no cropping beyond the photo: the scaled short sides must agree
     assert sizes["land"] == sizes["port"]
@@ -90,7 +91,7 @@ def test_portrait_photo_uses_the_long_side_field_of_view(tmp_path: Path) -> None
 @given(st.lists(st.sampled_from([-np.inf, -1.0, 0.0, 0.5, 0.5, 2.0]), min_size=1, max_size=40))
 def test_ranked_tiles_equals_the_filtered_full_sort(values):
     """Sorting only the scored tiles gives the full stable sort with the -inf tiles dropped."""
-    from cvgl.locate import ranked_tiles
+    from cvgl.index.search import ranked_tiles
 
     scores = np.array(values)
     full = np.argsort(-scores, kind="stable")

@@ -16,7 +16,7 @@ from cvgl.bench.scale import structured_dataset
 from cvgl.geo import geodesic_distance_m
 from cvgl.index.store import open_index, write_index
 from cvgl.models.identity import EncoderIdentity
-from cvgl.zeroshot.alignment import fit_alignment
+from cvgl.alignment import fit_alignment
 
 IDENTITY = EncoderIdentity("gem", "dinov2_tiny_test", "random-0", (56, 56), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 N = 400  # local mode ingests point by point in Python: keep it small

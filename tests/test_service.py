@@ -23,6 +23,7 @@ from cvgl.data.tiling import TilingSpec
 from cvgl.index.build import build_index
 from cvgl.index.store import open_index
 from cvgl.locate import LocateOptions, locate_images
+from cvgl.preprocess import QueryOptions
 from cvgl.report import tile_image
 from cvgl.service import create_app, detect_image_type, safe_name
 
@@ -76,14 +77,15 @@ def test_health_and_meta(client: TestClient, served) -> None:
     ("fields", "options"),
     [
         ({}, LocateOptions()),
-        ({"heading": "30", "top_k": "3", "view": "drone"}, LocateOptions(heading_deg=30.0, top_k=3)),
-        ({"altitude": "", "pitch": "0", "hfov": "60", "top_k": "7"}, LocateOptions(pitch_deg=0.0, hfov_deg=60.0, top_k=7)),
+        ({"heading": "30", "top_k": "3", "view": "drone"}, LocateOptions(QueryOptions(heading_deg=30.0), top_k=3)),
+        ({"altitude": "", "pitch": "0", "hfov": "60", "top_k": "7"}, LocateOptions(QueryOptions(pitch_deg=0.0, hfov_deg=60.0), top_k=7)),
     ],
 )
 def test_locate_equals_locate_images(client: TestClient, served, fields: dict, options: LocateOptions) -> None:
     """The default answer is exactly ``cvgl locate``'s JSON object, with the upload's basename."""
     index, encoder, photo = served
-    (expected,), _, _ = locate_images([photo], encoder, index, options, progress=False)
+    (answered,), _, _ = locate_images([photo], encoder, index, options, progress=False)
+    expected = answered.to_dict()
     expected["query"] = photo.name
     response = _post(client, photo.read_bytes(), photo.name, fields)
     assert response.status_code == 200, response.text
@@ -267,10 +269,10 @@ def test_heatmap_of_a_searched_index_is_finite_json(served, monkeypatch: pytest.
     """A searched index scores only its candidates; the rest (-inf) stay out of the heatmap (and JSON)."""
     import math
 
-    import cvgl.locate
+    import cvgl.index.search
 
     index, encoder, photo = served
-    monkeypatch.setattr(cvgl.locate, "DENSE_MAX", 0)  # search it like a large index
+    monkeypatch.setattr(cvgl.index.search, "DENSE_MAX", 0)  # search it like a large index
     searched = TestClient(create_app(index, encoder, max_upload_mb=1.0, options=LocateOptions(candidates=5)))
     response = _post(searched, photo.read_bytes(), photo.name, query=f"?heatmap={len(index)}")
     assert response.status_code == 200, response.text

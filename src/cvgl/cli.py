@@ -59,8 +59,9 @@ def _bands(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cvgl.alignment import DEFAULT_KIND
+    from cvgl.data.views import VIEWS
     from cvgl.models.presets import DEFAULT_PRESET, PRESETS
-    from cvgl.zeroshot.alignment import DEFAULT_KIND
 
     parser = argparse.ArgumentParser(prog="cvgl", description="Cross-view geo-localization.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("locate", help="locate photos against an index")
     p.add_argument("index", type=Path)
     p.add_argument("images", type=Path, nargs="+")
-    p.add_argument("--view", default="drone", choices=["drone", "street", "aerial"])
+    p.add_argument("--view", default="drone", choices=list(VIEWS))
     p.add_argument("--top-k", type=_positive_int, default=5)
     p.add_argument("--json", type=Path, default=None, help="write results here (else stdout)")
     p.add_argument("--map", type=Path, default=None, help="write an HTML map here")
@@ -205,18 +206,22 @@ def cmd_locate(args: argparse.Namespace) -> int:
     from cvgl.data.images import load_image
     from cvgl.io import write_json_atomic
     from cvgl.locate import LocateOptions, locate_images
+    from cvgl.preprocess import QueryOptions
     from cvgl.report import write_visuals
 
     if (args.near is None) != (args.radius_km is None):
         raise CvglError("--near LAT,LON and --radius-km R go together")
     manifest_index, encoder = _index_and_encoder(args)
-    options = LocateOptions(
-        view=args.view, top_k=args.top_k, heading_deg=args.heading, pitch_deg=args.pitch,
-        altitude_m=args.altitude, hfov_deg=args.hfov, rotations=args.rotations, scales=args.scales,
-        batch_alignment=None if args.batch_alignment == "off" else args.batch_alignment, heading_tolerance_deg=args.heading_tolerance,
-        near=args.near, radius_km=args.radius_km,
+    query = QueryOptions(
+        view=args.view, heading_deg=args.heading, pitch_deg=args.pitch, altitude_m=args.altitude, hfov_deg=args.hfov,
+        rotations=args.rotations, scales=args.scales, heading_tolerance_deg=args.heading_tolerance,
     )
-    results, scores, _ = locate_images(args.images, encoder, manifest_index, options)
+    options = LocateOptions(
+        query=query, top_k=args.top_k, near=args.near, radius_km=args.radius_km,
+        batch_alignment=None if args.batch_alignment == "off" else args.batch_alignment,
+    )
+    answers, scores, _ = locate_images(args.images, encoder, manifest_index, options)
+    results = [a.to_dict() for a in answers]
     if args.json:
         write_json_atomic(args.json, results)
     else:

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -56,14 +55,15 @@ def run_demo(out: Path, per_family: int = 12, seed: int = 0, preset: str = DEFAU
     print("[3/3] locating them ...")
     # Centring on the batch's own (unlabelled) descriptors, the locate default: the best leak-free
     # alignment measured by `cvgl bench longmont`; no truth is used.
-    options = LocateOptions(view="drone", top_k=10)
-    results, scores, _ = locate_images(paths, encoder, index, options)
+    options = LocateOptions(top_k=10)
+    answers, scores, _ = locate_images(paths, encoder, index, options)
+    results = [a.to_dict() for a in answers]
     truth = {q.name: q for q in queries}
     for r in results:
         q = truth[Path(r["query"]).stem]
         r["family"] = q.family
         r["true_center_lat"], r["true_center_lon"] = q.center_lat, q.center_lon
-    table = summarize_demo(results, radius_m=spec.tile_m / math.sqrt(2))
+    table = summarize_demo(results, radius_m=index.manifest.correct_radius_m)
     write_json_atomic(out / "results.json", {"results": results, "summary": table, "encoder": encoder.identity.to_dict()})
     write_visuals(results, scores, index, [np.asarray(q.image) for q in queries], out / "map.html", out / "grid.png")
     print_table(table)

@@ -140,17 +140,6 @@ class Methods:
         return out
 
 
-def top_k_per_query(query: np.ndarray, reference: np.ndarray, owner: np.ndarray, n_queries: int, k: int = 10) -> np.ndarray:
-    """Top-k reference rows per query, where a query's score for a row is its best hypothesis.
-
-    ``owner[i]`` is the query that hypothesis ``i`` belongs to. Ties keep reference order.
-    """
-    scores = query @ reference.T
-    per_query = np.full((n_queries, len(reference)), -np.inf, dtype=np.float32)
-    np.maximum.at(per_query, owner, scores)
-    return np.argsort(-per_query, axis=1, kind="stable")[:, :k]
-
-
 def cpu_model() -> str:
     """The CPU's model name (from /proc/cpuinfo where it exists)."""
     try:

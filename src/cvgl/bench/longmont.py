@@ -24,7 +24,6 @@ accuracy numbers.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time
@@ -32,39 +31,24 @@ from pathlib import Path
 
 import numpy as np
 
-from cvgl.bench.common import Methods, emit_section, machine_line, top_k_per_query
+from cvgl.alignment import fit_alignment
+from cvgl.bench.common import Methods, emit_section, machine_line
 from cvgl.data.geometry import rotate_image
-from cvgl.data.raster import raster_info, read_region
+from cvgl.data.raster import read_region
 from cvgl.data.samples import longmont_scene
-from cvgl.data.synthetic import QueryFamily, make_queries, write_query_photo
-from cvgl.data.tiling import TilingSpec, iter_tiles
-from cvgl.evaluate import recall_at_k_by_distance
+from cvgl.data.synthetic import make_queries
+from cvgl.data.tiling import iter_tiles
+from cvgl.evaluate.longmont import (
+    SPEC,
+    east_west,
+    families,
+    prepare_family,
+    score_family,
+)
+from cvgl.evaluate.retrieval import top_k_per_query
 from cvgl.geo import geodesic_distance_m
-from cvgl.locate import LocateOptions, prepare_query
 from cvgl.models.presets import PRESETS
-from cvgl.zeroshot.alignment import fit_alignment
-
-SPEC = TilingSpec(tile_m=112.0, stride_m=56.0, gsd_m=0.5)
-JITTER = (0.8, 1.25)
-RADIUS_M = SPEC.tile_m / math.sqrt(2)  # correct at k: a top-k tile centre within the tile half-diagonal
-
-
-def families() -> list[QueryFamily]:
-    out = []
-    for known in (True, False):
-        tag = "heading known" if known else "heading unknown"
-        out += [
-            QueryFamily(f"nadir, {tag}", pitches=(0.0,), heading_known=known, scale_jitter=JITTER),
-            QueryFamily(
-                f"oblique 30/45/60, {tag}", pitches=(30.0, 45.0, 60.0), heading_known=known,
-                scale_jitter=JITTER, hfov_deg=50.0, footprint_m=80.0,
-            ),
-            QueryFamily(
-                f"oblique + photometric, {tag}", pitches=(30.0, 45.0, 60.0), heading_known=known,
-                scale_jitter=JITTER, hfov_deg=50.0, footprint_m=80.0, photometric=True,
-            ),
-        ]
-    return out
+from cvgl.preprocess import QueryOptions
 
 
 class Reference:
@@ -99,34 +83,7 @@ def protocol_a(methods: Methods, ref: Reference, seed: int, n: int) -> list[str]
     return lines
 
 
-def east_west() -> tuple[float, float, float]:
-    """(west edge, mid easting, east edge) of the query scene: the spatial split of protocol B."""
-    left, _, right, _ = raster_info(longmont_scene("wv2")).bounds
-    return left, (left + right) / 2, right
-
-
-def prepare_family(queries, folder: Path, options: LocateOptions) -> dict:
-    """Photos as ``cvgl locate`` prepares them: every hypothesis image, the photo it belongs to
-    (``owner``), and each photo's true centre."""
-    prepared = [prepare_query(write_query_photo(q, folder), options, SPEC.tile_m, SPEC.gsd_m) for q in queries]
-    return dict(
-        images=[h.image for p in prepared for h in p.hypotheses],
-        owner=np.concatenate([[i] * len(p.hypotheses) for i, p in enumerate(prepared)]),
-        lat=np.array([q.center_lat for q in queries]),
-        lon=np.array([q.center_lon for q in queries]),
-    )
-
-
-def score_family(query: np.ndarray, reference: np.ndarray, ref_lat: np.ndarray, ref_lon: np.ndarray,
-                 family: dict) -> tuple[dict[int, float], np.ndarray]:
-    """({k: R@k}, top-1 error in metres per photo): a photo scores its best hypothesis per tile."""
-    top = top_k_per_query(query, reference, family["owner"], len(family["lat"]))
-    recall = recall_at_k_by_distance(ref_lat[top], ref_lon[top], family["lat"], family["lon"], RADIUS_M)
-    error = geodesic_distance_m(ref_lat[top[:, 0]], ref_lon[top[:, 0]], family["lat"], family["lon"])
-    return recall, error
-
-
-def _encode_family(methods: Methods, queries, folder: Path, options: LocateOptions, with_random: bool = True) -> dict:
+def _encode_family(methods: Methods, queries, folder: Path, options: QueryOptions, with_random: bool = True) -> dict:
     family = prepare_family(queries, folder, options)
     return dict(desc=methods.encode(family.pop("images"), with_random=with_random), **family)
 
@@ -147,7 +104,7 @@ def _anchors(fams: list[dict], name: str, ref: Reference) -> tuple[np.ndarray, n
 
 def protocol_b(methods: Methods, ref: Reference, seed: int, n: int, fit_n: int) -> tuple[list[str], dict]:
     left, mid, right = east_west()
-    options = LocateOptions()
+    options = QueryOptions()
     test: dict[str, dict] = {}
     fit: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -197,7 +154,7 @@ def protocol_resolution(seed: int, n: int) -> list[str]:
             methods = Methods(seed, heads=heads, random_heads={}, size=(size, size))
             ref = Reference(methods)
             started = time.time()
-            fams = {name: _encode_family(methods, q, Path(tmp), LocateOptions()) for name, q in queries.items()}
+            fams = {name: _encode_family(methods, q, Path(tmp), QueryOptions()) for name, q in queries.items()}
             seconds = time.time() - started
             for name in heads:
                 cells = []

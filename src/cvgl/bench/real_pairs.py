@@ -56,13 +56,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cvgl.alignment import Alignment, fit_alignment
 from cvgl.bench.common import SharedTokens, emit_section, raw_pixels
 from cvgl.errors import InputError
 from cvgl.evaluate import recall_at_k
 from cvgl.models.backbone import PATCH
 from cvgl.models.factory import load_backbone
 from cvgl.models.presets import PRESETS
-from cvgl.zeroshot.alignment import Alignment, fit_alignment
 
 STREET = "street→satellite"
 DRONE = "drone→satellite"

@@ -179,7 +179,8 @@ def run(requests: int, concurrency: int, in_process_runs: int, weights: str, thr
         index = open_index(index_dir, encoder.identity)
         options = LocateOptions()
         loads["in-process"] = os.getloadavg()[0]
-        (direct,), _, _ = locate_images([photo], encoder, index, options, progress=False)
+        (answered,), _, _ = locate_images([photo], encoder, index, options, progress=False)
+        direct = answered.to_dict()
         in_process: list[float] = []
         for _ in range(in_process_runs):
             started = time.perf_counter()

@@ -69,8 +69,8 @@ def _trainable_params(config) -> dict:
 
 
 def zero_shot(families: list[str], per_family: int, size: int, preset: str) -> dict:
+    from cvgl.evaluate.longmont import LongmontProtocol
     from cvgl.models.factory import create_encoder
-    from cvgl.train.evaluation import LongmontProtocol
 
     encoder = create_encoder(preset, "embedded", (size, size))
     started = time.time()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from cvgl.alignment import DEFAULT_KIND, fit_alignment
 from cvgl.data.raster import raster_overview
 from cvgl.data.tiling import TilingSpec
 from cvgl.geo import typical_spacing_m
@@ -28,7 +29,6 @@ from cvgl.index.shards import (
 )
 from cvgl.index.store import check_output_folder, write_index
 from cvgl.models.encoder import Encoder
-from cvgl.zeroshot.alignment import DEFAULT_KIND, fit_alignment
 
 DEFAULT_TILING = TilingSpec()
 

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from cvgl.alignment import Alignment
 from cvgl.data.tiling import TileSource, TilingSpec
 from cvgl.errors import IndexFormatError, IndexMismatchError, InputError
 from cvgl.geo import geodesic_distance_m
@@ -44,7 +45,6 @@ from cvgl.index.backends import (
 from cvgl.index.manifest import FORMAT_VERSION, MANIFEST, IndexManifest, read_manifest
 from cvgl.index.vectors import VectorBackend, rerank_exact
 from cvgl.models.identity import EncoderIdentity
-from cvgl.zeroshot.alignment import Alignment
 
 FILES = ("manifest.json", "vectors.faiss", "raw.npy", "tiles.parquet", "alignment.npz")  # a flat/faiss index
 COMMON_FILES = ("manifest.json", "raw.npy", "tiles.parquet", "alignment.npz")

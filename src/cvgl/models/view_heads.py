@@ -29,7 +29,7 @@ from cvgl.models.netvlad import NetVLAD, NetVLADConfig
 from cvgl.models.presets import HEAD_KINDS
 from cvgl.models.salad import Salad, SaladConfig
 
-VIEWS = ("query", "reference")  # the two branches of a Siamese model
+BRANCHES = ("query", "reference")  # the two branches of a Siamese model (not camera views)
 
 
 class ClsHead(nn.Module):
@@ -136,7 +136,7 @@ class ViewHeads(nn.Module):
         return self.query.out_dim
 
     def head(self, view: str) -> nn.Module:
-        if view not in VIEWS:
+        if view not in BRANCHES:
             raise ValueError(f"unknown view '{view}'; expected query | reference")
         return self.reference if view == "reference" and self.reference is not None else self.query
 
@@ -171,7 +171,7 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
 
 __all__ = [
     "eval_mode",
-    "VIEWS",
+    "BRANCHES",
     "ClsHead",
     "HeadSpec",
     "ViewHeads",

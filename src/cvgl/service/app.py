@@ -47,8 +47,10 @@ from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from cvgl.data.views import VIEWS
+from cvgl.index.search import ranked_tiles
 from cvgl.index.store import ReferenceIndex
-from cvgl.locate import VIEWS, LocateOptions, locate_images, ranked_tiles
+from cvgl.locate import LocateOptions, locate_images
 from cvgl.models.encoder import Encoder
 from cvgl.report import tile_image
 
@@ -116,8 +118,8 @@ class ServiceState:
             path = Path(folder) / f"upload{suffix}"  # server-chosen name
             path.write_bytes(data)
             with self.lock:
-                results, scores, _ = locate_images([path], self.encoder, self.index, options, progress=False)
-        result = results[0]
+                answers, scores, _ = locate_images([path], self.encoder, self.index, options, progress=False)
+        result = answers[0].to_dict()
         result["query"] = name
         if "error" in result:
             result["error"] = result["error"].replace(str(path), name)
@@ -162,6 +164,7 @@ async def _once(data: bytes) -> AsyncIterator[bytes]:
 def _options(form: dict[str, str], base: LocateOptions) -> LocateOptions:
     """Locate options from the form fields, checked like ``cvgl locate``'s flags (422 when not)."""
     changes: dict = {}
+    query_changes: dict = {}
     for key, (attr, low, high) in FLOAT_FIELDS.items():
         text = form.get(key, "").strip()
         if not text:
@@ -172,7 +175,7 @@ def _options(form: dict[str, str], base: LocateOptions) -> LocateOptions:
             raise HTTPException(422, f"{key}: '{text[:40]}' is not a number") from None
         if not (math.isfinite(value) and low <= value <= high):
             raise HTTPException(422, f"{key}: {value:g} is outside [{low:g}, {high:g}]")
-        changes[attr] = value
+        query_changes[attr] = value
     top_k = form.get("top_k", "").strip()
     if top_k:
         if not top_k.isdigit() or not 1 <= int(top_k) <= MAX_TOP_K:
@@ -182,8 +185,8 @@ def _options(form: dict[str, str], base: LocateOptions) -> LocateOptions:
     if view:
         if view not in VIEWS:
             raise HTTPException(422, f"view: '{view[:40]}' is not one of {', '.join(VIEWS)}")
-        changes["view"] = view
-    return replace(base, **changes)
+        query_changes["view"] = view
+    return replace(base, query=replace(base.query, **query_changes), **changes)
 
 
 def _heatmap(rows: np.ndarray, scores: np.ndarray, index: ReferenceIndex) -> list[dict]:

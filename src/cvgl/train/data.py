@@ -62,7 +62,7 @@ def prepare_queries(split, folder: Path, tile_m: float, gsd_m: float) -> None:
     """Turn each drone photo into what ``cvgl locate`` matches (rectified, north-up, tile scale).
 
     Training on raw oblique photos would teach the model inputs it never sees at locate time;
-    :func:`cvgl.locate.prepare_query` (EXIF/XMP pitch, heading and altitude) is applied once and
+    :func:`cvgl.preprocess.prepare_query` (EXIF/XMP pitch, heading and altitude) is applied once and
     its image saved, so training and localization see the same geometry.
     """
     import io
@@ -70,14 +70,14 @@ def prepare_queries(split, folder: Path, tile_m: float, gsd_m: float) -> None:
     from PIL import Image
 
     from cvgl.io import write_bytes_atomic
-    from cvgl.locate import LocateOptions, prepare_query
+    from cvgl.preprocess import QueryOptions, prepare_query
 
     folder.mkdir(parents=True, exist_ok=True)
     for item in split.queries:
         target = _prepared_path(folder, item.path)
         if target.is_file():
             continue
-        image = prepare_query(item.path, LocateOptions(), tile_m, gsd_m).hypotheses[0].image
+        image = prepare_query(item.path, QueryOptions(), tile_m, gsd_m).hypotheses[0].image
         buffer = io.BytesIO()
         Image.fromarray(image).save(buffer, format="PNG")
         write_bytes_atomic(target, buffer.getvalue())

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from cvgl.alignment import l2n
 from cvgl.errors import InputError
-from cvgl.zeroshot.alignment import l2n
 
 __all__ = ["PairBatchSampler", "dss_neighbour_lists", "gps_neighbours", "similarity_neighbours"]
 

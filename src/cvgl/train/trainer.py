@@ -157,7 +157,7 @@ class Trainer:
         self._test_split = None
         if self.world.is_main:
             if config.eval.protocol == "longmont":
-                from cvgl.train.evaluation import LongmontProtocol
+                from cvgl.evaluate.longmont import LongmontProtocol
 
                 self._evaluator = LongmontProtocol(config.eval.per_family, config.eval.families, seed=0)
             else:
@@ -357,7 +357,7 @@ class Trainer:
     @torch.inference_mode()
     def _refresh_similarity(self) -> None:
         """Dynamic Similarity Sampling: re-encode every training pair (each process a share)."""
-        from cvgl.train.evaluation import encode_paths
+        from cvgl.evaluate.retrieval import encode_paths
 
         pairs = self.split.pairs()
         mine = list(range(self.world.rank, len(pairs), self.world.size))
@@ -388,7 +388,7 @@ class Trainer:
         """Run the configured protocol on the main process; others wait. Logged and kept in history."""
         result: dict = {}
         if self.world.is_main:
-            from cvgl.train.evaluation import evaluate_split
+            from cvgl.evaluate.retrieval import evaluate_split
 
             started = time.time()
             with eval_mode(self.model):

@@ -29,10 +29,10 @@ import torch
 from torch.utils.data import Dataset
 
 from cvgl.data.images import image_to_tensor, load_image
+from cvgl.data.views import canonical_view
 from cvgl.errors import InputError
 
 __all__ = [
-    "VIEWS",
     "CrossViewSplit",
     "FolderListing",
     "ImageListDataset",
@@ -43,9 +43,6 @@ __all__ = [
     "require_dir",
     "require_file",
 ]
-
-#: The view names a split may use.
-VIEWS = ("street", "drone", "satellite")
 
 #: Extensions counted as images when a loader lists a folder.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -81,9 +78,8 @@ class CrossViewSplit:
     semi_positives: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for role, view in (("query_view", self.query_view), ("reference_view", self.reference_view)):
-            if view not in VIEWS:
-                raise ValueError(f"{self.name}: {role} {view!r} is not one of {', '.join(VIEWS)}")
+        self.query_view = canonical_view(self.query_view, f"{self.name}: query_view")
+        self.reference_view = canonical_view(self.reference_view, f"{self.name}: reference_view")
         if not self.semi_positives:
             self.semi_positives = [[] for _ in self.queries]
         n_q, n_r = len(self.queries), len(self.references)

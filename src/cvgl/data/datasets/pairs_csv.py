@@ -19,12 +19,12 @@ import math
 from pathlib import Path
 
 from cvgl.data.datasets.common import (
-    VIEWS,
     CrossViewSplit,
     FolderListing,
     ViewItem,
     require_file,
 )
+from cvgl.data.views import canonical_view
 from cvgl.errors import InputError
 
 
@@ -37,8 +37,10 @@ def load_pairs_csv(
     """Load the pairs listed in ``csv_path`` (see the module docstring for the format)."""
     csv_path = Path(csv_path)
     for role, view in (("query_view", query_view), ("reference_view", reference_view)):
-        if view not in VIEWS:
-            raise InputError(f"pairs csv: {role} {view!r} is not one of {', '.join(VIEWS)}")
+        try:
+            canonical_view(view, f"pairs csv: {role}")
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
     require_file(csv_path, "a CSV with header query,reference[,lat,lon]")
     folder = csv_path.parent
     listing = FolderListing()

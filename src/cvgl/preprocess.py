@@ -1,0 +1,158 @@
+"""Query preprocessing: a photo made to look like a reference tile (or hypotheses of one).
+
+Per photo: load it (EXIF orientation applied) and read what the camera knows (EXIF GPS, DJI
+XMP); rectify a known pitch to nadir, rotate a known heading to north-up, scale by altitude +
+field of view to the index's ground sample distance, crop the tile footprint. Command-line
+values override metadata. For what is unknown, hypotheses: headings every ``360/rotations``
+degrees (and a few crop scales when the altitude is unknown), each encoded and scored later.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cvgl.data.geometry import (
+    DEFAULT_HFOV_DEG,
+    center_crop,
+    hfov_from_focal_35mm,
+    rectify_tilt,
+    rotate_image,
+    scale_image,
+)
+from cvgl.data.images import load_image
+from cvgl.data.metadata import CameraMetadata, read_camera_metadata
+from cvgl.data.views import VIEWS
+from cvgl.errors import InputError
+
+MAX_PITCH_DEG = 80.0  # steeper than this, a rectified view is mostly sky or smeared horizon
+MIN_SIDE_PX = 28  # two patches: anything smaller carries no usable evidence
+
+
+@dataclass(frozen=True)
+class QueryOptions:
+    """What the user knows (or wants searched) about the photos; flags override metadata."""
+
+    view: str = "drone"  # one of cvgl.data.views.VIEWS
+    heading_deg: float | None = None  # overrides metadata; clockwise from north
+    pitch_deg: float | None = None  # from nadir; overrides metadata
+    altitude_m: float | None = None  # above ground; overrides metadata
+    hfov_deg: float | None = None  # overrides the value derived from EXIF focal length
+    rotations: int = 16  # heading hypotheses when the heading is unknown (16 beat 8 on Longmont)
+    heading_tolerance_deg: float = 0.0  # > 0: also try heading +- this when the heading is known
+    pad_to_tile: bool = True  # photo smaller than a tile: pad (keep scale) rather than zoom
+    scales: tuple[float, ...] = (1.0,)  # crop-size hypotheses when the altitude is unknown
+
+    def __post_init__(self) -> None:
+        if self.view not in VIEWS:
+            raise ValueError(f"view must be one of {VIEWS}")
+
+
+@dataclass
+class Hypothesis:
+    image: np.ndarray
+    heading_deg: float
+    scale: float
+
+
+@dataclass
+class PreparedQuery:
+    """What we know about one photo before matching, and the views to encode."""
+
+    name: str
+    hypotheses: list[Hypothesis]
+    heading_source: str  # flag | metadata | search | assumed-north
+    pitch_deg: float
+    altitude_m: float | None
+    meta: CameraMetadata
+
+
+def _known(flag: float | None, meta_value: float | None) -> tuple[float | None, str]:
+    if flag is not None:
+        return flag, "flag"
+    if meta_value is not None:
+        return meta_value, "metadata"
+    return None, ""
+
+
+def prepare_query(
+    path: Path, options: QueryOptions, tile_m: float | None, gsd_m: float | None
+) -> PreparedQuery:
+    """Load a photo and turn it into the reference's geometry (or hypotheses of it)."""
+    image = np.asarray(load_image(path))
+    if min(image.shape[:2]) < MIN_SIDE_PX:
+        raise InputError(f"{path}: image is {image.shape[1]}x{image.shape[0]} px, too small to locate (min {MIN_SIDE_PX})")
+    meta = read_camera_metadata(path)
+    if options.view != "drone":
+        # Street and aerial photos are used as they are; aerial ones are assumed north-up
+        # unless a heading is given.
+        heading, source = _known(options.heading_deg, None)
+        heading = heading if heading is not None else 0.0
+        rotated = rotate_image(image, heading) if heading else image
+        return PreparedQuery(str(path), [Hypothesis(rotated, heading, 1.0)], source or "assumed-north", 0.0, None, meta)
+
+    height, width = image.shape[:2]
+    # The 35 mm-equivalent field of view spans the long side; our camera model takes the width's.
+    hfov_long = options.hfov_deg or hfov_from_focal_35mm(meta.focal_length_35mm, DEFAULT_HFOV_DEG)
+    hfov = math.degrees(2 * math.atan(math.tan(math.radians(hfov_long) / 2) * width / max(width, height)))
+    pitch, _ = _known(options.pitch_deg, meta.pitch_from_nadir_deg)
+    pitch = float(pitch or 0.0)
+    if not 0.0 <= pitch <= MAX_PITCH_DEG:
+        raise InputError(
+            f"{path}: camera pitch {pitch:.0f} degrees from nadir (gimbal {pitch - 90:.0f}); only views between "
+            f"nadir and {MAX_PITCH_DEG:.0f} degrees can be matched to aerial tiles; use --view street for level shots"
+        )
+    if pitch > 1.0:
+        image = rectify_tilt(image, pitch, hfov)
+    altitude, _ = _known(options.altitude_m, meta.relative_altitude_m)
+    if altitude is not None and not altitude > 0:
+        raise InputError(f"{path}: altitude {altitude:g} m above ground is not positive; pass --altitude")
+    heading, heading_source = _known(options.heading_deg, meta.heading_deg)
+
+    # Each view is (canvas, crop side, scale): hypotheses rotate the whole canvas and then cut
+    # the central crop, so a photo with margin around the tile footprint rotates without
+    # black corners.
+    views: list[tuple[np.ndarray, int, float]] = []
+    if altitude is not None and tile_m and gsd_m:
+        # Rectification keeps the photo-centre resolution, set by the slant range to the centre.
+        slant = altitude / math.cos(math.radians(pitch))
+        photo_gsd = slant * 2.0 * math.tan(math.radians(hfov) / 2.0) / width
+        scaled = scale_image(image, photo_gsd / gsd_m)
+        tile_px = int(round(tile_m / gsd_m))
+        if options.pad_to_tile:
+            # A photo covering less ground than a tile is padded, not zoomed: scale is evidence.
+            views.append((pad_to(scaled, tile_px), tile_px, 1.0))
+        else:
+            views.append((scaled, min(tile_px, *scaled.shape[:2]), 1.0))
+    else:
+        side = min(height, width)
+        views += [(image, max(MIN_SIDE_PX, int(round(side * min(s, 1.0)))), s) for s in options.scales]
+
+    if heading is not None:
+        # A compass is good to about +-10 degrees: optionally also try the heading +- tolerance.
+        tol = options.heading_tolerance_deg
+        angles = [float(heading)] + ([float(heading) - tol, float(heading) + tol] if tol > 0 else [])
+    else:
+        heading_source = "search"
+        angles = [i * 360.0 / options.rotations for i in range(options.rotations)]
+    hypotheses = [
+        Hypothesis(center_crop(rotate_image(canvas, angle) if angle else canvas, crop), angle, scale)
+        for canvas, crop, scale in views
+        for angle in angles
+    ]
+    return PreparedQuery(str(path), hypotheses, heading_source, pitch, altitude, meta)
+
+
+def pad_to(image: np.ndarray, side: int) -> np.ndarray:
+    """Centre ``image`` on a black canvas at least ``side`` pixels in each dimension."""
+    height, width = image.shape[:2]
+    out_h, out_w = max(height, side), max(width, side)
+    if (out_h, out_w) == (height, width):
+        return image
+    canvas = np.zeros((out_h, out_w) + image.shape[2:], dtype=image.dtype)
+    top, left = (out_h - height) // 2, (out_w - width) // 2
+    canvas[top : top + height, left : left + width] = image
+    return canvas

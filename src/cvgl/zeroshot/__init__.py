@@ -1,1 +1,0 @@
-"""Zero-shot (VFM-Loc style) pieces: statistical alignment of the two views."""
