@@ -8,7 +8,7 @@ import pytest
 
 from cvgl.errors import InputError
 from cvgl.train.config import TrainConfig, config_from_dict, load_config, save_config
-from cvgl.train.trainer import cosine_with_warmup
+from cvgl.train.optim import cosine_with_warmup
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import textured_rgb
 from PIL import Image
 
+from cvgl.train.batches import augment_kind
 from cvgl.train.config import config_from_dict
+from cvgl.train.head_init import init_netvlad_heads
 from cvgl.train.trainer import Trainer
-
-from conftest import textured_rgb
 
 
 def write_pairs(folder: Path, n: int = 24, seed: int = 0) -> Path:
@@ -173,7 +174,7 @@ def test_trains_and_evaluates_on_benchmark_layouts(tmp_path, kind, options, pano
     config["model"]["query_size"] = [28, 56] if panorama else [28, 28]
     config["model"]["reference_size"] = [28, 28]
     trainer = Trainer(config_from_dict(config))
-    assert trainer._augment_kind() == ("panorama" if panorama else "aerial")
+    assert augment_kind(trainer.split) == ("panorama" if panorama else "aerial")
     result = trainer.fit()
     metrics = result["metrics"]
     assert 0.0 <= metrics["R@1"] <= metrics["R@5"] <= 1.0 and "mAP" in metrics
@@ -197,7 +198,7 @@ def test_trained_model_through_cli_index_and_locate(pairs_csv, tmp_path, utm_geo
     with Image.open(utm_geotiff) as image:
         image.convert("RGB").crop((40, 40, 96, 96)).save(photo)
     capsys.readouterr()
-    assert main(["locate", str(index), str(photo), "--weights", export, "--view", "aerial", "--batch-alignment", "off"]) == 0
+    assert main(["locate", str(index), str(photo), "--weights", export, "--view", "aerial"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"lat", "lon", "confidence", "top_k"} <= set(result)
     # Another model (different weights) is refused, naming the index.
@@ -241,7 +242,7 @@ def test_netvlad_starts_from_kmeans_of_training_tokens(pairs_csv, tmp_path):
 
     config = config_from_dict(tiny_config(pairs_csv, tmp_path / "run", optim__epochs=1, model__head="netvlad"))
     trainer = Trainer(config)
-    trainer._init_netvlad()  # what fit() does first on a new run (a resumed one loads its centroids)
+    init_netvlad_heads(trainer.model, trainer.split, config)  # what fit() does first on a new run (a resumed one loads its centroids)
     head = trainer.model.heads.query
     assert isinstance(head, NetVLAD)
     fresh = NetVLAD(NetVLADConfig(head.config.num_channels, head.config.num_clusters, head.config.out_dim))
