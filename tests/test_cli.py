@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import jsonschema
 import pytest
 import torch
 from PIL import Image
 
+from cvgl.answer import schema
 from cvgl.cli import main
 
 TINY = ["--weights", "random:dinov2_tiny_test", "--input-size", "56"]
@@ -133,16 +135,18 @@ def test_locate_skips_bad_photos(gem_index: Path, tmp_path: Path, capsys: pytest
     truncated = tmp_path / "truncated.jpg"
     Image.fromarray(_photo(1, (200, 200))).save(truncated, quality=95)
     truncated.write_bytes(truncated.read_bytes()[:3000])
-    out_json = tmp_path / "results.json"
+    out_json = tmp_path / "results.jsonl"
 
     code = run(["locate", gem_index, good, empty, truncated, "--json", out_json, "--rotations", "2", "--encoder", "gem", *TINY])
     captured = capsys.readouterr()
     assert code == 0
-    results = json.loads(out_json.read_text())
+    results = [json.loads(line) for line in out_json.read_text().splitlines()]
     assert [Path(r["query"]).name for r in results] == ["good.jpg", "empty.jpg", "truncated.jpg"]
+    for result in results:
+        jsonschema.validate(result, schema())
 
     located = results[0]
-    assert "error" not in located
+    assert located["status"] == "located"
     assert {"lat", "lon", "confidence", "heading_deg", "top_k"} <= set(located)
     assert 40.1 < located["lat"] < 40.2 and -105.2 < located["lon"] < -105.1
     assert 0.0 < located["confidence"] <= 1.0 + 1e-9
@@ -150,9 +154,9 @@ def test_locate_skips_bad_photos(gem_index: Path, tmp_path: Path, capsys: pytest
     assert located["heading_source"] == "search"
 
     for result, name in ((results[1], "empty.jpg"), (results[2], "truncated.jpg")):
-        assert set(result) == {"query", "error"}
-        assert name in result["error"]
-        assert "\n" not in result["error"]
+        assert set(result) == {"schema", "query", "status", "reason"} and result["status"] == "skipped"
+        assert name in result["reason"]
+        assert "\n" not in result["reason"]
     skipped = [line for line in error_lines(captured.err) if line.startswith("skipped:")]
     assert len(skipped) == 2
     assert "empty.jpg" in skipped[0] and "truncated.jpg" in skipped[1]
@@ -165,20 +169,20 @@ def test_locate_skips_too_small_photo(gem_index: Path, tmp_path: Path, capsys: p
     Image.fromarray(_photo()).save(good)
     tiny = tmp_path / "tiny.png"
     Image.fromarray(_photo(2, (5, 5))).save(tiny)
-    out_json = tmp_path / "results.json"
+    out_json = tmp_path / "results.jsonl"
     code = run(["locate", gem_index, tiny, good, "--json", out_json, "--rotations", "2", "--encoder", "gem", *TINY])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    results = json.loads(out_json.read_text())
-    assert "tiny.png" in results[0]["error"]
-    assert "error" not in results[1]
+    results = [json.loads(line) for line in out_json.read_text().splitlines()]
+    assert "tiny.png" in results[0]["reason"]
+    assert results[1]["status"] == "located"
 
 
 def test_locate_all_bad_exits_nonzero(gem_index: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
     assert run(["locate", gem_index, empty, *TINY]) == 1
-    assert json.loads(capsys.readouterr().out)["error"]
+    assert json.loads(capsys.readouterr().out)["status"] == "skipped"
 
 
 def _write_modes(folder: Path) -> list[Path]:
@@ -200,14 +204,14 @@ def _write_modes(folder: Path) -> list[Path]:
 
 def test_locate_png_modes(gem_index: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     paths = _write_modes(tmp_path)
-    out_json = tmp_path / "modes.json"
+    out_json = tmp_path / "modes.jsonl"
     code = run(["locate", gem_index, *paths, "--json", out_json, "--heading", "0", "--encoder", "gem", *TINY])
     captured = capsys.readouterr()
     assert code == 0
-    results = json.loads(out_json.read_text())
+    results = [json.loads(line) for line in out_json.read_text().splitlines()]
     assert len(results) == 3
     for result, path in zip(results, paths):
-        assert "error" not in result, result
+        assert result["status"] == "located", result
         assert Path(result["query"]).name == path.name
         assert np.isfinite([result["lat"], result["lon"], result["confidence"]]).all()
         assert result["heading_source"] == "flag"
@@ -241,11 +245,11 @@ def test_tile_folder_index_and_scale_search(tmp_path: Path, capsys: pytest.Captu
     photo = tmp_path / "photo.png"
     Image.fromarray(np.rot90(np.asarray(Image.open(folder / "t3.png")), k=-1).copy()).save(photo)
     capsys.readouterr()
-    result_path = tmp_path / "out.json"
+    result_path = tmp_path / "out.jsonl"
     code = run(["locate", out, photo, "--encoder", "gem", *TINY, "--view", "drone", "--rotations", "4",
                 "--scales", "0.5,1.0", "--json", result_path, "--top-k", "3"])
     assert code == 0
-    (result,) = json.loads(result_path.read_text())
+    (result,) = [json.loads(line) for line in result_path.read_text().splitlines()]
     assert result["top_k"][0]["tile_id"] == "t3"
     assert result["heading_source"] == "search"
     assert result["heading_deg"] == pytest.approx(270.0)  # undoing a quarter turn clockwise

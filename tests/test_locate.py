@@ -26,6 +26,7 @@ class FakeIndex:
     def __init__(self, lat: np.ndarray, lon: np.ndarray, tile_m: float) -> None:
         self.tiles = pd.DataFrame({"tile_id": [f"t{i}" for i in range(len(lat))], "lat": lat, "lon": lon})
         self.manifest = SimpleNamespace(tile_m=tile_m, correct_radius_m=tile_half_diagonal_m(tile_m))
+        self.crs = None
 
 
 @pytest.mark.parametrize("heading", [0.0, 90.0, 225.0])
@@ -45,8 +46,8 @@ def test_oblique_camera_position_is_behind_the_matched_ground_point(heading: flo
     result = answer_from_scores(query, scores, np.zeros(len(lat), dtype=int), FakeIndex(lat, lon, 50.0), top_k=3).to_dict()
     assert result["top_k"][0]["tile_id"] == "t12"
     assert geodesic_distance_m(result["lat"], result["lon"], c_lat, c_lon) < 1.0
-    assert result["error_m"] < 1.0  # camera estimate vs EXIF GPS
-    assert geodesic_distance_m(result["true_center_lat"], result["true_center_lon"], c_lat, c_lon) < 1e-3
+    assert result["truth"]["error_m"] < 1.0  # camera estimate vs EXIF GPS
+    assert geodesic_distance_m(result["truth"]["center_lat"], result["truth"]["center_lon"], c_lat, c_lon) < 1e-3
     assert result["confidence"] > 0.99
 
 

@@ -1,8 +1,9 @@
 """Statistical alignment of query-view and reference-view descriptor distributions.
 
 Every alignment here is a per-view affine map ``y = normalize((x - mean_v) @ W_v)`` fitted once —
-saved with the index (reference-side kinds) or fitted per batch of photos at locate time
-(``LocateOptions.batch_alignment``) — so applying it is one matrix product. What differs is *what
+saved with the index (reference-side kinds) or, for query-view statistics, fitted once on photos
+the user chooses and saved as a file (``cvgl align``, then ``--query-alignment``) — so applying it
+is one matrix product. What differs is *what
 it is fitted on*, and that is recorded in :attr:`Alignment.fitted_on`:
 
 =================  ==============================================  ======================
@@ -23,16 +24,21 @@ the result ``"leaky": true`` so a benchmark table can never present it as a depl
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from cvgl.errors import InputError
+from cvgl.io import write_bytes_atomic
+
 KINDS = ("none", "center", "pca-whiten", "coral", "procrustes", "mnn-procrustes")
 # Measured on Longmont (`cvgl bench longmont`): with block-8 GeM, centring on the reference
 # alone lowers R@1 while statistics of unlabelled query photos (center/coral on the batch, see
-# ``cvgl locate --batch-alignment``) raise it; so an index stores no alignment by default.
+# ``cvgl align`` + ``--query-alignment``) raise it; so an index stores no alignment by default.
 DEFAULT_KIND = "none"
 
 
@@ -68,7 +74,14 @@ class Alignment:
     def describe(self) -> dict:
         return {"kind": self.kind, **self.fitted_on}
 
-    def save(self, path: Path) -> None:
+    def digest(self) -> str:
+        """sha256 of the kind and the four arrays: names a fitted alignment in every answer."""
+        h = hashlib.sha256(self.kind.encode())
+        for array in (self.query_mean, self.query_matrix, self.reference_mean, self.reference_matrix):
+            h.update(np.ascontiguousarray(array, dtype=np.float32).tobytes())
+        return h.hexdigest()
+
+    def save(self, path: Path | io.BytesIO) -> None:
         """Write ``path`` (.npz); the caller makes the enclosing folder write atomic."""
         np.savez(
             path,
@@ -78,6 +91,12 @@ class Alignment:
             reference_matrix=self.reference_matrix,
             meta=np.array(json.dumps({"kind": self.kind, "fitted_on": self.fitted_on})),
         )
+
+    def save_file(self, path: Path) -> Path:
+        """Write a stand-alone alignment file atomically (a saved query-view alignment)."""
+        buffer = io.BytesIO()
+        self.save(buffer)
+        return write_bytes_atomic(Path(path), buffer.getvalue())
 
     @classmethod
     def load(cls, path: Path) -> Alignment:
@@ -91,6 +110,30 @@ class Alignment:
                 reference_matrix=data["reference_matrix"].astype(np.float32),
                 fitted_on=meta["fitted_on"],
             )
+
+
+def load_query_alignment(path: Path, fitted_for: str, dim: int) -> Alignment:
+    """A saved query-view alignment (``cvgl align``), refused unless it was fitted for this index
+    and encoder (``fitted_for``: :meth:`cvgl.index.store.ReferenceIndex.alignment_key`).
+
+    Why a file and not statistics of the photos being located: a photo's answer must depend only
+    on the photo, the index, the model and the options — never on which other photos share the
+    command or the request. The statistics are fitted once, on photos the user chooses, and
+    applied identically by the CLI and the service; answers name the file's digest.
+    """
+    path = Path(path)
+    try:
+        alignment = Alignment.load(path)
+    except Exception as exc:  # noqa: BLE001 - any reader failure is the same user problem
+        raise InputError(f"{path}: not a cvgl alignment file ({type(exc).__name__}); make one with `cvgl align`") from None
+    recorded = alignment.fitted_on.get("fitted_for")
+    if recorded != fitted_for:
+        raise InputError(f"{path}: fitted for another index or encoder; refit it with `cvgl align` for this index")
+    if alignment.query_mean.shape != (dim,) or alignment.query_matrix.shape[0] != dim:
+        raise InputError(f"{path}: alignment is {alignment.query_mean.shape[0]}-d but the index is {dim}-d; refit it")
+    if alignment.leaky:
+        raise InputError(f"{path}: a leaky (test-fitted) alignment cannot be used to locate photos")
+    return alignment
 
 
 def _identity(dim: int) -> np.ndarray:

@@ -18,10 +18,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cvgl.geo import geodesic_distance_m, offset_latlon
+from cvgl.geo import from_latlon, geodesic_distance_m, offset_latlon
 from cvgl.index.search import ranked_tiles
 from cvgl.index.store import ReferenceIndex
 from cvgl.preprocess import PreparedQuery
+
+SCHEMA = "cvgl.answer/1"
+SCHEMA_FILE = "answer-1.schema.json"
 
 
 @dataclass(frozen=True)
@@ -33,54 +36,90 @@ class Candidate:
     lon: float
     score: float
 
+    def to_dict(self, rank: int) -> dict:
+        return {"rank": rank, "tile_id": self.tile_id, "lat": self.lat, "lon": self.lon, "score": self.score}
+
+
+@dataclass(frozen=True)
+class Truth:
+    """EXIF GPS (the camera), the ground point the photo centre shows when known, and the error."""
+
+    lat: float
+    lon: float
+    error_m: float
+    center_lat: float | None = None
+    center_lon: float | None = None
+
     def to_dict(self) -> dict:
-        return {"tile_id": self.tile_id, "lat": self.lat, "lon": self.lon, "score": self.score}
+        out = {"lat": self.lat, "lon": self.lon, "error_m": self.error_m}
+        if self.center_lat is not None:
+            out["center_lat"], out["center_lon"] = self.center_lat, self.center_lon
+        return out
 
 
 @dataclass
 class Answer:
+    """Where one photo was taken: the published form is :meth:`to_dict` (``answer-1.schema.json``)."""
+
     query: str
     lat: float
     lon: float
-    confidence: float
+    uncertainty_m: float  # radius the answer claims (see the schema)
+    confidence: float | None
+    confidence_model: str | None
     heading_deg: float
-    heading_source: str  # flag | metadata | search | assumed-north
+    heading_source: str  # flag | metadata | search | verified | assumed-north
     pitch_deg: float
     altitude_m: float | None
-    # Fraction of the photo's short side taken as the tile footprint (the winning hypothesis when
-    # the altitude is unknown; 1.0 when the altitude fixed the scale).
-    scale: float
     top_k: list[Candidate]
+    scale: float = 1.0  # fraction of the photo's short side taken as the tile footprint
+    status: str = "located"  # located | not_found
+    reason: str | None = None
+    position_source: str = "retrieval"  # retrieval | verified
+    crs: str | None = None
+    x: float | None = None
+    y: float | None = None
     alignment: str = "none"
     camera: tuple[float, float] | None = None  # the drone's own position, for oblique photos
-    truth: tuple[float, float] | None = None  # EXIF GPS (the camera's position)
-    truth_center: tuple[float, float] | None = None  # the ground point the photo centre shows
-    error_m: float | None = None
-    extra: dict = field(default_factory=dict)
+    footprint: list[tuple[float, float]] | None = None  # (lat, lon) corners from a verified homography
+    verification: dict | None = None
+    truth: Truth | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def confidence_radius_m(self) -> float:
+        """The confidence is the probability of being within the stated uncertainty radius."""
+        return self.uncertainty_m
 
     def to_dict(self) -> dict:
-        out: dict = {
+        return {
+            "schema": SCHEMA,
             "query": self.query,
+            "status": self.status,
+            "reason": self.reason,
             "lat": self.lat,
             "lon": self.lon,
+            "crs": self.crs,
+            "x": self.x,
+            "y": self.y,
+            "uncertainty_m": self.uncertainty_m,
+            "position_source": self.position_source,
             "confidence": self.confidence,
-            "heading_deg": self.heading_deg,
+            "confidence_radius_m": self.confidence_radius_m,
+            "confidence_model": self.confidence_model,
+            "heading_deg": self.heading_deg % 360.0,
             "heading_source": self.heading_source,
             "pitch_deg": self.pitch_deg,
             "altitude_m": self.altitude_m,
             "scale": self.scale,
-            "top_k": [c.to_dict() for c in self.top_k],
+            "camera": None if self.camera is None else {"lat": self.camera[0], "lon": self.camera[1]},
+            "footprint": None if self.footprint is None else [{"lat": a, "lon": o} for a, o in self.footprint],
+            "verification": self.verification,
+            "top_k": [c.to_dict(rank) for rank, c in enumerate(self.top_k, start=1)],
+            "alignment": self.alignment,
+            "truth": None if self.truth is None else self.truth.to_dict(),
+            "labels": dict(self.labels),
         }
-        if self.camera is not None:
-            out["camera_lat"], out["camera_lon"] = self.camera
-        if self.truth is not None:
-            out["true_lat"], out["true_lon"] = self.truth
-            if self.truth_center is not None:
-                out["true_center_lat"], out["true_center_lon"] = self.truth_center
-            out["error_m"] = self.error_m
-        out["alignment"] = self.alignment
-        out.update(self.extra)
-        return out
 
 
 @dataclass(frozen=True)
@@ -91,7 +130,15 @@ class Skipped:
     error: str
 
     def to_dict(self) -> dict:
-        return {"query": self.query, "error": self.error}
+        return {"schema": SCHEMA, "query": self.query, "status": "skipped", "reason": self.error}
+
+
+def schema() -> dict:
+    """The published JSON Schema of :meth:`Answer.to_dict` (shipped in the package)."""
+    import json
+    from importlib import resources
+
+    return json.loads((resources.files("cvgl.schemas") / SCHEMA_FILE).read_text(encoding="utf-8"))
 
 
 def softmax(x: np.ndarray, temperature: float) -> np.ndarray:
@@ -104,7 +151,11 @@ def answer_from_scores(
     query: PreparedQuery, tile_scores: np.ndarray, best_hypothesis: np.ndarray, index: ReferenceIndex,
     top_k: int = 5, temperature: float = 0.02, alignment: str = "none",
 ) -> Answer:
-    """Per-tile scores (``-inf`` = not scored) -> the answer: position, confidence, evidence."""
+    """Per-tile scores (``-inf`` = not scored) -> the retrieval answer: position and evidence.
+
+    The confidence here is the softmax mass near the best tile (uncalibrated); the shipped
+    calibration (:mod:`cvgl.confidence`) replaces it with a probability.
+    """
     tiles = index.tiles
     lat, lon = tiles["lat"].to_numpy(), tiles["lon"].to_numpy()
     ranked, scored = ranked_tiles(tile_scores)
@@ -122,15 +173,18 @@ def answer_from_scores(
         query=query.name,
         lat=est_lat,
         lon=est_lon,
+        uncertainty_m=radius,
         confidence=float(w.sum()),
+        confidence_model="softmax-mass (uncalibrated)",
         heading_deg=float(hyp.heading_deg % 360.0),
         heading_source=query.heading_source,
         pitch_deg=query.pitch_deg,
         altitude_m=query.altitude_m,
-        scale=float(hyp.scale),
         top_k=[Candidate(str(tiles["tile_id"].iloc[i]), float(lat[i]), float(lon[i]), float(tile_scores[i])) for i in order],
+        scale=float(hyp.scale),
         alignment=alignment,
     )
+    set_position(result, est_lat, est_lon, index.crs)
     camera = (est_lat, est_lon)
     if query.pitch_deg > 1.0 and query.altitude_m is not None:
         # The photo centre lies altitude*tan(pitch) ahead of the camera along the heading (known,
@@ -139,14 +193,123 @@ def answer_from_scores(
         back = math.radians(hyp.heading_deg)
         camera = offset_latlon(est_lat, est_lon, -ahead * math.sin(back), -ahead * math.cos(back))
         result.camera = (float(camera[0]), float(camera[1]))
-    meta = query.meta
-    if meta.gps_lat is not None and meta.gps_lon is not None:
-        result.truth = (meta.gps_lat, meta.gps_lon)
-        if result.camera is not None and query.heading_source != "search":
-            # With a known heading, the ground point the photo centre shows (what tiles match).
-            ahead = query.altitude_m * math.tan(math.radians(query.pitch_deg))
-            heading = math.radians(query.hypotheses[0].heading_deg)  # the known heading itself
-            centre = offset_latlon(meta.gps_lat, meta.gps_lon, ahead * math.sin(heading), ahead * math.cos(heading))
-            result.truth_center = (float(centre[0]), float(centre[1]))
-        result.error_m = float(geodesic_distance_m(camera[0], camera[1], meta.gps_lat, meta.gps_lon))
+    result.truth = truth_of(query, camera)
     return result
+
+
+def set_position(result: Answer, lat: float, lon: float, crs: str | None) -> None:
+    """Set the answer's ground point in lat/lon and, for an index with a CRS, in that CRS."""
+    result.lat, result.lon = float(lat), float(lon)
+    result.crs = crs
+    if crs:
+        x, y = from_latlon(crs, lat, lon)
+        result.x, result.y = float(x), float(y)
+
+
+def truth_of(query: PreparedQuery, camera: tuple[float, float]) -> Truth | None:
+    """The photo's EXIF GPS as truth, and the error of the ``camera`` estimate against it."""
+    meta = query.meta
+    if meta.gps_lat is None or meta.gps_lon is None:
+        return None
+    centre = (None, None)
+    oblique = query.pitch_deg > 1.0 and query.altitude_m is not None
+    if oblique and query.heading_source not in ("search", "verified"):
+        # With a known heading, the ground point the photo centre shows (what tiles match).
+        ahead = query.altitude_m * math.tan(math.radians(query.pitch_deg))
+        heading = math.radians(query.hypotheses[0].heading_deg)  # the known heading itself
+        c = offset_latlon(meta.gps_lat, meta.gps_lon, ahead * math.sin(heading), ahead * math.cos(heading))
+        centre = (float(c[0]), float(c[1]))
+    error = float(geodesic_distance_m(camera[0], camera[1], meta.gps_lat, meta.gps_lon))
+    return Truth(meta.gps_lat, meta.gps_lon, error, *centre)
+
+
+# ------------------------------------------------------------------------------------------------
+# Published forms besides JSON Lines: GeoJSON, CSV, and the accuracy paragraph
+# ------------------------------------------------------------------------------------------------
+
+CSV_COLUMNS = (
+    "query", "status", "lat", "lon", "crs", "x", "y", "uncertainty_m", "position_source", "confidence",
+    "confidence_model", "heading_deg", "heading_source", "pitch_deg", "altitude_m", "verified", "inliers",
+    "top1_tile_id", "top1_score", "true_lat", "true_lon", "error_m", "reason",
+)
+
+
+def csv_row(answer: dict) -> dict:
+    """One flat CSV row of a published answer (see :data:`CSV_COLUMNS`)."""
+    verification = answer.get("verification") or {}
+    top = (answer.get("top_k") or [{}])[0]
+    truth = answer.get("truth") or {}
+    row = {key: answer.get(key) for key in CSV_COLUMNS}
+    row.update({
+        "verified": verification.get("verified"), "inliers": verification.get("inliers"),
+        "top1_tile_id": top.get("tile_id"), "top1_score": top.get("score"),
+        "true_lat": truth.get("lat"), "true_lon": truth.get("lon"), "error_m": truth.get("error_m"),
+    })
+    return row
+
+
+def csv_text(answers: list[dict]) -> str:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for answer in answers:
+        writer.writerow({k: ("" if v is None else v) for k, v in csv_row(answer).items()})
+    return buffer.getvalue()
+
+
+def tile_square(lat: float, lon: float, side_m: float) -> list[list[float]]:
+    """A closed GeoJSON ring ([lon, lat] pairs) of a north-up square of ``side_m`` centred on lat/lon."""
+    h = side_m / 2.0
+    corners = [(-h, h), (h, h), (h, -h), (-h, -h), (-h, h)]
+    ring = [offset_latlon(lat, lon, e, n) for e, n in corners]
+    return [[float(o), float(a)] for a, o in ring]
+
+
+def geojson(answers: list[dict], tile_m: float) -> dict:
+    """A FeatureCollection: each located photo's point, its verified footprint, its top-k tiles.
+
+    Every feature's ``properties`` names the photo (``query``) and says what the feature is
+    (``kind``: ``position`` | ``footprint`` | ``tile``), so one layer can be styled per kind.
+    """
+    features = []
+    for answer in answers:
+        if answer.get("lat") is None:
+            continue
+        props = {k: answer.get(k) for k in ("query", "status", "confidence", "uncertainty_m", "position_source",
+                                             "heading_deg", "heading_source")}
+        features.append({"type": "Feature", "geometry": {"type": "Point", "coordinates": [answer["lon"], answer["lat"]]},
+                         "properties": {"kind": "position", **props}})
+        if answer.get("footprint"):
+            ring = [[p["lon"], p["lat"]] for p in answer["footprint"]]
+            features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring + ring[:1]]},
+                             "properties": {"kind": "footprint", "query": answer["query"]}})
+        for tile in answer.get("top_k") or []:
+            features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [tile_square(tile["lat"], tile["lon"], tile_m)]},
+                             "properties": {"kind": "tile", "query": answer["query"], "rank": tile["rank"],
+                                            "tile_id": tile["tile_id"], "score": tile["score"]}})
+    return {"type": "FeatureCollection", "features": features}
+
+
+def accuracy_summary(answers: list[dict]) -> str | None:
+    """One paragraph on accuracy when photos carry GPS (None when none does)."""
+    rated = [a for a in answers if a.get("truth")]
+    if not rated:
+        return None
+    errors = np.array([a["truth"]["error_m"] for a in rated], dtype=float)
+    located = len([a for a in answers if a.get("status") != "skipped"])
+    within = {r: float((errors <= r).mean()) for r in (5, 20, 50)}
+    inside = [a["truth"]["error_m"] <= a["uncertainty_m"] for a in rated if a.get("uncertainty_m") is not None]
+    conf = [a["confidence"] for a in rated if a.get("confidence") is not None]
+    text = (
+        f"accuracy: {len(rated)} of {located} located photos carry GPS; error median {np.median(errors):.1f} m, "
+        f"90th percentile {np.percentile(errors, 90):.1f} m; within 5 / 20 / 50 m: "
+        f"{within[5]:.0%} / {within[20]:.0%} / {within[50]:.0%}"
+    )
+    if inside:
+        text += f"; inside the stated radius: {np.mean(inside):.0%}"
+    if conf:
+        text += f" (mean confidence {np.mean(conf):.2f})"
+    return text + "."

@@ -66,6 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cvgl", description="Cross-view geo-localization.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def query_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--view", default="drone", choices=list(VIEWS), help="what the photos look like")
+        p.add_argument("--heading", type=float, default=None, help="camera heading, degrees clockwise from north")
+        p.add_argument("--pitch", type=_in_range(0.0, 80.0), default=None, help="camera pitch from nadir, degrees (0 = straight down)")
+        p.add_argument("--altitude", type=_in_range(0.1, 1e5), default=None, help="height above ground, metres")
+        p.add_argument("--hfov", type=_in_range(1.0, 170.0), default=None, help="horizontal field of view, degrees")
+        p.add_argument("--rotations", type=_positive_int, default=16, help="heading hypotheses when the heading is unknown")
+        p.add_argument(
+            "--scales", type=lambda t: tuple(float(v) for v in t.split(",")), default=(1.0,),
+            help="footprint hypotheses when the altitude is unknown: fractions of the photo's short side, e.g. 0.6,0.8,1",
+        )
+        p.add_argument("--heading-tolerance", type=float, default=0.0, help="also try heading +- this (degrees)")
+
     def encoder_args(p: argparse.ArgumentParser, default_preset: str | None) -> None:
         p.add_argument("--encoder", default=default_preset, choices=sorted(PRESETS), help="zero-shot recipe")
         p.add_argument("--weights", default="embedded", help="embedded | PATH (.safetensors/.pth) | hub:<arch>")
@@ -90,30 +103,28 @@ def build_parser() -> argparse.ArgumentParser:
     encoder_args(p, DEFAULT_PRESET)
 
     p = sub.add_parser("locate", help="locate photos against an index")
-    p.add_argument("index", type=Path)
-    p.add_argument("images", type=Path, nargs="+")
-    p.add_argument("--view", default="drone", choices=list(VIEWS))
-    p.add_argument("--top-k", type=_positive_int, default=5)
-    p.add_argument("--json", type=Path, default=None, help="write results here (else stdout)")
-    p.add_argument("--map", type=Path, default=None, help="write an HTML map here")
+    p.add_argument("index", type=Path, help="index folder built by cvgl index")
+    p.add_argument("images", type=Path, nargs="+", help="photos, or folders of photos")
+    p.add_argument("--top-k", type=_positive_int, default=5, help="retrieved tiles reported per photo")
+    p.add_argument("--json", type=Path, default=None, help="write the answers here as JSON Lines (else to stdout)")
+    p.add_argument("--geojson", type=Path, default=None, help="write points, verified footprints and top-k tiles as GeoJSON")
+    p.add_argument("--csv", type=Path, default=None, help="write one CSV row per photo")
+    p.add_argument("--map", type=Path, default=None, help="write an offline HTML map here")
     p.add_argument("--grid", type=Path, default=None, help="write a PNG retrieval grid here")
-    p.add_argument("--heading", type=float, default=None, help="camera heading, degrees clockwise from north")
-    p.add_argument("--pitch", type=_in_range(0.0, 80.0), default=None, help="camera pitch from nadir, degrees (0 = straight down)")
-    p.add_argument("--altitude", type=_in_range(0.1, 1e5), default=None, help="height above ground, metres")
-    p.add_argument("--hfov", type=_in_range(1.0, 170.0), default=None, help="horizontal field of view, degrees")
-    p.add_argument("--rotations", type=_positive_int, default=16, help="heading hypotheses when the heading is unknown")
-    p.add_argument(
-        "--scales", type=lambda t: tuple(float(v) for v in t.split(",")), default=(1.0,),
-        help="footprint hypotheses when the altitude is unknown: fractions of the photo's short side, e.g. 0.6,0.8,1",
-    )
-    p.add_argument("--heading-tolerance", type=float, default=0.0, help="also try heading +- this (degrees)")
-    p.add_argument(
-        "--batch-alignment", default="center", choices=["center", "coral", "off"],
-        help="fit a query-view alignment on this batch of photos (no labels; used with >= 16 photos)",
-    )
+    query_args(p)
+    p.add_argument("--query-alignment", type=Path, default=None, metavar="FILE",
+                   help="a query-view alignment saved by cvgl align (default: none)")
     p.add_argument("--near", type=_latlon, default=None, metavar="LAT,LON",
                    help="geographic prior: only consider tiles within --radius-km of this point")
     p.add_argument("--radius-km", type=_in_range(1e-3, 20_000.0), default=None, help="radius of --near, km")
+    encoder_args(p, None)
+
+    p = sub.add_parser("align", help="fit a query-view alignment on unlabelled photos and save it (for --query-alignment)")
+    p.add_argument("index", type=Path, help="index folder built by cvgl index")
+    p.add_argument("images", type=Path, nargs="+", help="unlabelled photos of the kind you will locate, or folders of them")
+    p.add_argument("--kind", default="center", choices=["center", "coral"], help="what to fit (center: the query-view mean)")
+    p.add_argument("--out", type=Path, required=True, help="alignment file to write (.npz)")
+    query_args(p)
     encoder_args(p, None)
 
     p = sub.add_parser("serve", help="serve an index over HTTP: POST /locate, GET /health, a map page at /")
@@ -121,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=_in_range(0.01, 1024.0), default=25.0, help="largest accepted photo")
+    p.add_argument("--query-alignment", type=Path, default=None, metavar="FILE",
+                   help="a query-view alignment saved by cvgl align (default: none)")
     encoder_args(p, None)
 
     p = sub.add_parser("bench", help="run benchmarks and write docs/benchmarks.md")
@@ -200,40 +213,102 @@ def _index_and_encoder(args: argparse.Namespace):
     return index, encoder
 
 
+def _query_options(args: argparse.Namespace):
+    from cvgl.preprocess import QueryOptions
+
+    return QueryOptions(
+        view=args.view, heading_deg=args.heading, pitch_deg=args.pitch, altitude_m=args.altitude, hfov_deg=args.hfov,
+        rotations=args.rotations, scales=args.scales, heading_tolerance_deg=args.heading_tolerance,
+    )
+
+
 def cmd_locate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from cvgl.data.images import load_image
-    from cvgl.io import write_json_atomic
+    from cvgl.answer import accuracy_summary, csv_text, geojson
+    from cvgl.data.images import load_image, photo_paths
+    from cvgl.io import (
+        check_output_path,
+        dumps_json,
+        write_json_atomic,
+        write_jsonl_atomic,
+        write_text_atomic,
+    )
     from cvgl.locate import LocateOptions, locate_images
-    from cvgl.preprocess import QueryOptions
     from cvgl.report import write_visuals
 
     if (args.near is None) != (args.radius_km is None):
         raise CvglError("--near LAT,LON and --radius-km R go together")
+    outputs = {"--json": args.json, "--geojson": args.geojson, "--csv": args.csv, "--map": args.map, "--grid": args.grid}
+    for flag, path in outputs.items():
+        if path is not None:
+            check_output_path(path, flag)  # before minutes of work, not after
+    photos = photo_paths(args.images)
     manifest_index, encoder = _index_and_encoder(args)
-    query = QueryOptions(
-        view=args.view, heading_deg=args.heading, pitch_deg=args.pitch, altitude_m=args.altitude, hfov_deg=args.hfov,
-        rotations=args.rotations, scales=args.scales, heading_tolerance_deg=args.heading_tolerance,
-    )
     options = LocateOptions(
-        query=query, top_k=args.top_k, near=args.near, radius_km=args.radius_km,
-        batch_alignment=None if args.batch_alignment == "off" else args.batch_alignment,
+        query=_query_options(args), top_k=args.top_k, near=args.near, radius_km=args.radius_km,
+        query_alignment=_saved_alignment(args, manifest_index),
     )
-    answers, scores, _ = locate_images(args.images, encoder, manifest_index, options)
+    answers, scores, _ = locate_images(photos, encoder, manifest_index, options)
     results = [a.to_dict() for a in answers]
     if args.json:
-        write_json_atomic(args.json, results)
+        write_jsonl_atomic(args.json, results)
     else:
         for result in results:
-            print(json.dumps(result))
+            print(dumps_json(result))
+    if args.geojson:
+        write_json_atomic(args.geojson, geojson(results, manifest_index.manifest.tile_side_m))
+    if args.csv:
+        write_text_atomic(args.csv, csv_text(results))
     if args.map or args.grid:
-        images = [None if "error" in r else np.asarray(load_image(r["query"])) for r in results] if args.grid else None
+        images = [None if r["status"] == "skipped" else np.asarray(load_image(r["query"])) for r in results] if args.grid else None
         write_visuals(results, scores, manifest_index, images, map_path=args.map, grid_path=args.grid)
-    failed = [r for r in results if "error" in r]
+    failed = [r for r in results if r["status"] == "skipped"]
     for r in failed:
-        print(f"skipped: {r['error']}", file=sys.stderr)
+        print(f"skipped: {r['reason']}", file=sys.stderr)
+    summary = accuracy_summary(results)
+    if summary:
+        print(summary, file=sys.stderr)
     return 0 if len(failed) < len(results) else 1
+
+
+def _saved_alignment(args: argparse.Namespace, index):
+    if args.query_alignment is None:
+        return None
+    from cvgl.alignment import load_query_alignment
+
+    return load_query_alignment(args.query_alignment, index.alignment_key(), index.manifest.dim)
+
+
+def cmd_align(args: argparse.Namespace) -> int:
+    """Encode unlabelled photos as locate would and fit the query-view statistics once."""
+    import numpy as np
+
+    from cvgl.alignment import fit_alignment
+    from cvgl.data.images import photo_paths
+    from cvgl.io import check_output_path
+    from cvgl.preprocess import prepare_query
+
+    check_output_path(args.out, "--out")
+    photos = photo_paths(args.images)
+    index, encoder = _index_and_encoder(args)
+    options = _query_options(args)
+    descriptors, skipped = [], 0
+    for path in photos:
+        try:
+            query = prepare_query(path, options, index.manifest.tile_m, index.manifest.gsd_m)
+        except CvglError as exc:
+            print(f"skipped: {exc}", file=sys.stderr)
+            skipped += 1
+            continue
+        descriptors.append(encoder.encode([h.image for h in query.hypotheses]))
+    if len(descriptors) < 2:
+        raise CvglError(f"{len(descriptors)} usable photos: fitting query-view statistics needs at least 2 (16 or more is better)")
+    alignment = fit_alignment(args.kind, index.raw, queries=np.concatenate(descriptors))
+    alignment.fitted_on.update({"fitted_for": index.alignment_key(), "photos": len(descriptors), "index": index.path.name})
+    alignment.save_file(args.out)
+    print(f"fitted {args.kind} on {len(descriptors)} photos ({skipped} skipped) -> {args.out} (digest {alignment.digest()[:12]})")
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -254,8 +329,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from cvgl.service import create_app
     except ImportError as exc:
         raise CvglError(f"cvgl serve needs the serve extra ({exc.name} is missing); pip install -e '.[serve]'") from None
+    from cvgl.locate import LocateOptions
+
     index, encoder = _index_and_encoder(args)
-    app = create_app(index, encoder, max_upload_mb=args.max_upload_mb)
+    options = LocateOptions(query_alignment=_saved_alignment(args, index))
+    app = create_app(index, encoder, max_upload_mb=args.max_upload_mb, options=options)
     print(f"serving {args.index} ({len(index)} tiles) on http://{args.host}:{args.port}/", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
@@ -303,7 +381,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _threads(args)
-    handlers = {"index": cmd_index, "locate": cmd_locate, "bench": cmd_bench, "demo": cmd_demo, "train": cmd_train, "explain": cmd_explain, "serve": cmd_serve}
+    handlers = {"index": cmd_index, "locate": cmd_locate, "align": cmd_align, "bench": cmd_bench, "demo": cmd_demo, "train": cmd_train, "explain": cmd_explain, "serve": cmd_serve}
     try:
         return handlers[args.command](args)
     except CvglError as exc:

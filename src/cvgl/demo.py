@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from cvgl.data.tiling import TilingSpec
 from cvgl.evaluate import recall_at_k_by_distance
 from cvgl.index.build import build_index
 from cvgl.index.store import open_index
-from cvgl.io import write_json_atomic
+from cvgl.io import write_json_atomic, write_jsonl_atomic
 from cvgl.locate import LocateOptions, locate_images
 from cvgl.models.factory import create_encoder
 from cvgl.models.presets import DEFAULT_PRESET
@@ -53,21 +54,21 @@ def run_demo(out: Path, per_family: int = 12, seed: int = 0, preset: str = DEFAU
     paths = [write_query_photo(q, out / "queries") for q in queries]
 
     print("[3/3] locating them ...")
-    # Centring on the batch's own (unlabelled) descriptors, the locate default: the best leak-free
-    # alignment measured by `cvgl bench longmont`; no truth is used.
     options = LocateOptions(top_k=10)
     answers, scores, _ = locate_images(paths, encoder, index, options)
-    results = [a.to_dict() for a in answers]
     truth = {q.name: q for q in queries}
-    for r in results:
-        q = truth[Path(r["query"]).stem]
-        r["family"] = q.family
-        r["true_center_lat"], r["true_center_lon"] = q.center_lat, q.center_lon
+    for answer in answers:
+        q = truth[Path(answer.query).stem]
+        answer.labels["family"] = q.family
+        if answer.truth is not None:  # the synthetic photo's true centre, besides its EXIF GPS
+            answer.truth = replace(answer.truth, center_lat=q.center_lat, center_lon=q.center_lon)
+    results = [a.to_dict() for a in answers]
     table = summarize_demo(results, radius_m=index.manifest.correct_radius_m)
-    write_json_atomic(out / "results.json", {"results": results, "summary": table, "encoder": encoder.identity.to_dict()})
+    write_jsonl_atomic(out / "results.jsonl", results)
+    write_json_atomic(out / "summary.json", {"summary": table, "encoder": encoder.identity.to_dict()})
     write_visuals(results, scores, index, [np.asarray(q.image) for q in queries], out / "map.html", out / "grid.png")
     print_table(table)
-    print(f"wrote {out/'results.json'}, {out/'map.html'}, {out/'grid.png'} in {time.time() - started:.0f} s")
+    print(f"wrote {out/'results.jsonl'}, {out/'summary.json'}, {out/'map.html'}, {out/'grid.png'} in {time.time() - started:.0f} s")
     return table
 
 
@@ -75,18 +76,19 @@ def summarize_demo(results: list[dict], radius_m: float) -> dict:
     """R@1/5/10 (a top-k tile centre within the tile half-diagonal of the true photo centre) and
     errors in metres, per query family and overall."""
     table: dict = {}
-    families = sorted({r["family"] for r in results if "error" not in r})
+    located = [r for r in results if r["status"] != "skipped"]
+    families = sorted({r["labels"]["family"] for r in located})
     for family in families + ["all"]:
-        rows = [r for r in results if "error" not in r and (family == "all" or r["family"] == family)]
+        rows = [r for r in located if family == "all" or r["labels"]["family"] == family]
         k = min(len(r["top_k"]) for r in rows)
         topk_lat = np.array([[t["lat"] for t in r["top_k"][:k]] for r in rows])
         topk_lon = np.array([[t["lon"] for t in r["top_k"][:k]] for r in rows])
         recall = recall_at_k_by_distance(
             topk_lat, topk_lon,
-            np.array([r["true_center_lat"] for r in rows]), np.array([r["true_center_lon"] for r in rows]),
+            np.array([r["truth"]["center_lat"] for r in rows]), np.array([r["truth"]["center_lon"] for r in rows]),
             radius_m, ks=tuple(x for x in (1, 5, 10) if x <= k),
         )
-        errors = np.array([r["error_m"] for r in rows])
+        errors = np.array([r["truth"]["error_m"] for r in rows])
         table[family] = {
             "n": len(rows),
             **{f"R@{key}": float(value) for key, value in recall.items()},

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cvgl.alignment import fit_alignment
+from cvgl.alignment import Alignment
 from cvgl.answer import Answer, Skipped, answer_from_scores
 from cvgl.errors import CvglError, InputError
 from cvgl.index.search import hypothesis_scores
@@ -20,18 +20,18 @@ from cvgl.index.store import RERANK_POOL, ReferenceIndex
 from cvgl.models.encoder import Encoder
 from cvgl.preprocess import PreparedQuery, QueryOptions, prepare_query
 
-MIN_BATCH_ALIGNMENT = 16  # photos needed before a batch's own statistics are trusted
-
 
 @dataclass(frozen=True)
 class LocateOptions:
+    """How to locate; a photo's answer depends only on the photo, the index, the model and these."""
+
     query: QueryOptions = field(default_factory=QueryOptions)
     top_k: int = 5
-    temperature: float = 0.02  # softmax temperature on cosine scores, for confidence
+    temperature: float = 0.02  # softmax temperature on cosine scores, for the retrieval evidence
     batch_size: int = 16
-    # Fit a query-view alignment on this batch's own photos (no labels) when there are at least
-    # MIN_BATCH_ALIGNMENT of them: "center" measured best leak-free on Longmont. None = index's.
-    batch_alignment: str | None = "center"
+    # A saved query-view alignment (``cvgl align``; load with cvgl.alignment.load_query_alignment),
+    # applied to every photo alike; None: the index's stored alignment.
+    query_alignment: Alignment | None = None
     near: tuple[float, float] | None = None  # geographic prior: (lat, lon) ...
     radius_km: float | None = None  # ... and only tiles within this radius
     candidates: int = RERANK_POOL  # per hypothesis, when the index is searched instead of scored densely
@@ -42,11 +42,8 @@ def locate_images(
 ) -> tuple[list[Answer | Skipped], list[np.ndarray | None], list[PreparedQuery | None]]:
     """Locate each photo; a bad photo becomes a :class:`Skipped` and the batch goes on.
 
-    Two passes: encode every photo's hypotheses, then score. Between them, with
-    ``options.batch_alignment`` set and at least ``MIN_BATCH_ALIGNMENT`` photos, a query-view
-    alignment is fitted on this batch's own descriptors (no labels: transductive) against the
-    index's reference descriptors, replacing the index's stored alignment for this run.
-    Returns the answers, each photo's per-tile scores and its prepared hypotheses.
+    Photos are independent: nothing is fitted on the batch (a photo gets the same answer alone
+    or among others). Returns the answers, each photo's per-tile scores and its hypotheses.
     """
     from tqdm import tqdm
 
@@ -66,10 +63,7 @@ def locate_images(
         prepared.append(query)
         descriptors.append(encoder.encode([h.image for h in query.hypotheses], batch_size=options.batch_size))
 
-    alignment = index.alignment
-    good = [d for d in descriptors if d is not None]
-    if options.batch_alignment and len(good) >= MIN_BATCH_ALIGNMENT:
-        alignment = fit_alignment(options.batch_alignment, index.raw, queries=np.concatenate(good))
+    alignment = options.query_alignment or index.alignment
     prior = index.prior(options.near, options.radius_km)  # once for every photo, not per search
     if options.near is not None:
         allowed = prior[0] if prior[0] is not None else index.allowed_rows(options.near, options.radius_km)
@@ -84,6 +78,11 @@ def locate_images(
             all_scores.append(None)
             continue
         tile_scores, best_hyp = hypothesis_scores(index, desc, alignment, prior, options.candidates)
-        results.append(answer_from_scores(query, tile_scores, best_hyp, index, options.top_k, options.temperature, alignment.kind))
+        results.append(answer_from_scores(query, tile_scores, best_hyp, index, options.top_k, options.temperature, describe(alignment)))
         all_scores.append(tile_scores)
     return results, all_scores, prepared
+
+
+def describe(alignment: Alignment) -> str:
+    """How an answer names its alignment: the kind, and the file digest for a saved one."""
+    return alignment.kind if alignment.kind == "none" else f"{alignment.kind}:{alignment.digest()[:12]}"

@@ -328,3 +328,25 @@ def _reason(exc: BaseException) -> str:
     """A short, single-line description of a low-level exception for our one-line messages."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 120 else text[:117] + "..."
+
+
+#: Photo file types ``cvgl locate`` picks out of a folder (by extension, case-insensitive).
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp")
+
+
+def photo_paths(items: list[Path]) -> list[Path]:
+    """Photos named on the command line: files as given, folders expanded to the photos inside
+    them (sorted by name, not recursive). A missing path or a folder with no photo is an
+    :class:`InputError` naming it, before any model is loaded."""
+    out: list[Path] = []
+    for item in map(Path, items):
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
+            if not found:
+                raise InputError(f"{item}: folder holds no photo ({', '.join(PHOTO_SUFFIXES)})")
+            out.extend(found)
+        elif item.exists():
+            out.append(item)
+        else:
+            raise InputError(f"{item}: no such photo or folder")
+    return out

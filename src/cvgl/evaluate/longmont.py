@@ -107,7 +107,7 @@ class LongmontProtocol:
         self.families: dict[str, dict] = {}
         with tempfile.TemporaryDirectory() as tmp:
             # Same seeds as the benchmark's protocol B: k indexes the full family list.
-            for k, family in enumerate(families()):
+            for k, family in enumerate(longmont_families()):
                 if family.name in wanted:
                     queries = make_queries(longmont_scene("wv2"), per_family, family, seed=seed * 100 + k, x_range=(mid, right))
                     self.families[family.name] = prepare_family(queries, Path(tmp), QueryOptions())

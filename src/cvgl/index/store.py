@@ -19,6 +19,7 @@ backends existed say ``"index_type": "flat-ip"`` and are read as flat: same form
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -71,6 +72,14 @@ class ReferenceIndex:
     @property
     def index_type(self) -> str:
         return self.backend.kind
+
+    @property
+    def crs(self) -> str | None:
+        """The CRS of the source raster (tile ``x``/``y``), or None for a tile folder (lat/lon only)."""
+        if "crs" not in self.tiles.columns or not len(self.tiles):
+            return None
+        value = self.tiles["crs"].iloc[0]
+        return str(value) if isinstance(value, str) and value else None
 
     @property
     def reference(self) -> np.ndarray:
@@ -146,6 +155,13 @@ class ReferenceIndex:
         else:
             reference = alignment.apply(self.raw[np.asarray(rows)], "reference")
         return alignment.apply(queries, "query") @ reference.T
+
+    def alignment_key(self) -> str:
+        """What a saved query-view alignment must have been fitted for: this index (its reference
+        statistics) and its encoder. Rebuilding the index changes it."""
+        identity = json.dumps(self.manifest.encoder.to_dict(), sort_keys=True)
+        text = f"{self.manifest.count}:{self.manifest.dim}:{self.manifest.created_unix}:{identity}"
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def tile_source(self) -> TileSource:
         """Where this index's tile pixels are (raises :class:`InputError` when that is unknown)."""

@@ -121,8 +121,8 @@ class ServiceState:
                 answers, scores, _ = locate_images([path], self.encoder, self.index, options, progress=False)
         result = answers[0].to_dict()
         result["query"] = name
-        if "error" in result:
-            result["error"] = result["error"].replace(str(path), name)
+        if result["status"] == "skipped":
+            result["reason"] = result["reason"].replace(str(path), name)
         return result, scores[0]
 
     def _render_tile(self, row: int) -> bytes:
@@ -276,8 +276,8 @@ def create_app(
         fields = {k: v for k, v in form.items() if isinstance(v, str)}
         options = _options(fields, state.options)
         result, scores = await run_in_threadpool(state.locate, data, suffix, name, options)
-        if "error" in result:
-            raise HTTPException(422, result["error"])
+        if result["status"] == "skipped":
+            raise HTTPException(422, result["reason"])
         if heatmap and scores is not None:
             # The ranking ``answer`` used for top_k: scored tiles only (a searched index leaves the
             # others at -inf, which JSON cannot carry), sorted once.
