@@ -81,7 +81,8 @@ def test_portrait_photo_uses_the_long_side_field_of_view(tmp_path: Path) -> None
     for name, hw in (("land", (96, 128)), ("port", (128, 96))):
         path = tmp_path / f"{name}.jpg"
         meta = CameraMetadata(gimbal_pitch_deg=-90.0, gimbal_yaw_deg=0.0, relative_altitude_m=40.0, focal_length_35mm=f35)
-        write_camera_metadata(Image.fromarray(np.full((*hw, 3), 128, np.uint8)), path, meta)
+        texture = np.random.default_rng(0).integers(0, 256, (*hw, 3), dtype=np.uint8)
+        write_camera_metadata(Image.fromarray(texture), path, meta)
         query = prepare_query(path, QueryOptions(pad_to_tile=False), tile_m=1000.0, gsd_m=0.5)
         sizes[name] = query.hypotheses[0].image.shape[:2]
     # no padding, no cropping beyond the photo: the scaled short sides must agree
@@ -99,3 +100,35 @@ def test_ranked_tiles_equals_the_filtered_full_sort(values):
     ranked, scored = ranked_tiles(scores)
     np.testing.assert_array_equal(ranked, full[np.isfinite(scores[full])])
     np.testing.assert_array_equal(np.arange(len(scores))[scored], np.flatnonzero(np.isfinite(scores)))
+
+
+def _save(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
+    Image.fromarray(array, mode).save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (lambda p: _save(p / "black.png", np.zeros((120, 160, 3), np.uint8)), "uniform"),
+        (lambda p: _save(p / "grey.jpg", np.full((120, 160, 3), 128, np.uint8)), "uniform"),
+        (lambda p: _save(p / "clear.png", np.zeros((120, 160, 4), np.uint8), "RGBA"), "uniform"),
+        (lambda p: _save(p / "one_px.png", np.asarray(Image.new("RGB", (1, 1), (90, 140, 30)).resize((200, 200)))), "uniform"),
+        (lambda p: _save(p / "speck.png", np.pad(np.full((2, 2, 3), 255, np.uint8), ((60, 60), (60, 60), (0, 0)))), "one colour"),
+    ],
+)
+def test_content_free_photo_is_refused_with_its_reason(tmp_path: Path, make, words: str) -> None:
+    path = make(tmp_path)
+    with pytest.raises(InputError) as info:
+        prepare_query(path, QueryOptions(), tile_m=112.0, gsd_m=0.5)
+    message = str(info.value)
+    assert path.name in message and words in message and "nothing to match" in message and "\n" not in message
+
+
+def test_textured_photo_passes_the_content_check(tmp_path: Path) -> None:
+    from cvgl.preprocess import content_problem
+
+    rng = np.random.default_rng(0)
+    assert content_problem(rng.integers(0, 256, (100, 100, 3), dtype=np.uint8)) is None
+    # a real-looking low-contrast photo (std ~ 6 grey levels) is still a photo
+    assert content_problem((120 + 6 * rng.standard_normal((100, 100, 3))).clip(0, 255).astype(np.uint8)) is None

@@ -59,7 +59,7 @@ def _post(client: TestClient, data: bytes, name: str = "p.jpg", fields: dict | N
 
 def _encoded(fmt: str, size: tuple[int, int] = (64, 64)) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(np.full((*size, 3), 120, np.uint8)).save(buffer, format=fmt)
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (*size, 3), dtype=np.uint8)).save(buffer, format=fmt)
     return buffer.getvalue()
 
 

@@ -78,6 +78,27 @@ def _known(flag: float | None, meta_value: float | None) -> tuple[float | None, 
     return None, ""
 
 
+MIN_CONTRAST = 2.0  # grey levels (std): below this a photo is blank for any matcher
+MAX_FLAT_SHARE = 0.98  # share of the photo in one grey level above which it is blank
+
+
+def content_problem(image: np.ndarray) -> str | None:
+    """Why ``image`` carries no evidence (uniform, fully transparent composited to black, a 1-px
+    resample, almost all one colour), or None. Measured on a small grey thumbnail, so cheap."""
+    grey = np.asarray(image, dtype=np.float32)
+    if grey.ndim == 3:
+        grey = grey[..., :3].mean(-1)
+    step = max(1, min(grey.shape) // 128)
+    thumb = np.rint(grey[::step, ::step])
+    if float(thumb.std()) < MIN_CONTRAST:
+        return f"the photo is a single uniform colour (grey std {thumb.std():.2f})"
+    _, counts = np.unique(thumb, return_counts=True)
+    share = counts.max() / thumb.size
+    if share > MAX_FLAT_SHARE:
+        return f"{share:.0%} of the photo is one colour (blank or fully transparent)"
+    return None
+
+
 def prepare_query(
     path: Path, options: QueryOptions, tile_m: float | None, gsd_m: float | None
 ) -> PreparedQuery:
@@ -85,6 +106,9 @@ def prepare_query(
     image = np.asarray(load_image(path))
     if min(image.shape[:2]) < MIN_SIDE_PX:
         raise InputError(f"{path}: image is {image.shape[1]}x{image.shape[0]} px, too small to locate (min {MIN_SIDE_PX})")
+    problem = content_problem(image)
+    if problem:
+        raise InputError(f"{path}: {problem}; nothing to match")
     meta = read_camera_metadata(path)
     if options.view != "drone":
         # Street and aerial photos are used as they are; aerial ones are assumed north-up
