@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("cvgl.models",),
     ("cvgl.preprocess", "cvgl.alignment", "cvgl.street"),
     ("cvgl.index",),
-    ("cvgl.verify",),
+    ("cvgl.verify", "cvgl.confidence"),
     ("cvgl.answer",),
     ("cvgl.locate", "cvgl.track"),
     ("cvgl.evaluate", "cvgl.viz", "cvgl.report"),
