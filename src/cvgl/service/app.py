@@ -5,12 +5,19 @@ Endpoints:
 ``POST /locate``          multipart upload ``image`` (+ optional form fields ``heading``, ``pitch``,
                           ``altitude``, ``hfov``, ``top_k``, ``view``) -> exactly the JSON object
                           ``cvgl locate`` prints for that photo. ``?heatmap=N`` adds ``heatmap``
-                          (the N best tiles: row, lat, lon, score) and ``top_k_rows`` for the page.
+                          (the N best tiles: row, lat, lon, score) and ``top_k_rows``;
+                          ``?layers=1`` adds ``map_layers`` (the answer as the map's GeoJSON
+                          layers, :mod:`cvgl.viz.layers`) and ``top_k_rows``, for the page.
 ``GET /health``           ``{"status", "index", "tiles", "encoder"}``
-``GET /meta``             what the page needs to draw the map (bounds, tile size, counts)
+``GET /meta``             what the page needs to draw the map (bounds, basemap, tile size, counts)
 ``GET /overview.png``     the index's north-up preview of its reference raster
-``GET /tiles/{row}.png``  one reference tile's pixels, re-read from the source raster
+``GET /tiles/{row}.jpg``  a reference tile's thumbnail (JPEG, at most 256 px), for the page
+``GET /tiles/{row}.png``  a reference tile's full pixels, re-read from the source raster
+``GET /viz/...``          the map's JavaScript: vendored Leaflet and cvgl's renderer (no CDN)
 ``GET /``                 the page (``static/``): drop a photo, see prediction, top-k and heatmap
+
+A tile whose source raster or folder is gone (moved, deleted, unreadable) answers 404 / 503
+with one line saying so, never grey pixels.
 
 Why it is built this way:
 
@@ -23,6 +30,8 @@ Why it is built this way:
 * The model and the index's score cache are not made for concurrent use, and two parallel
   forwards on a 2-core box are no faster than one after the other: inference runs in the
   threadpool (the event loop keeps serving pages) under one lock.
+* The page loads nothing from the internet: Leaflet is served from the package (``/viz``) and
+  the page's Content-Security-Policy allows only this server.
 """
 
 from __future__ import annotations
@@ -48,11 +57,20 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from cvgl.data.views import VIEWS
+from cvgl.errors import CvglError
 from cvgl.index.search import ranked_tiles
 from cvgl.index.store import ReferenceIndex
 from cvgl.locate import LocateOptions, locate_images
 from cvgl.models.encoder import Encoder
-from cvgl.report import tile_image
+from cvgl.viz.assets import STATIC as VIZ_STATIC
+from cvgl.viz.basemap import (
+    THUMBNAIL_PX,
+    image_basemap,
+    jpeg_bytes,
+    mosaic_basemap,
+    mosaic_rows,
+)
+from cvgl.viz.layers import answer_layers, heat_layer
 
 #: Magic bytes -> file suffix. Only formats a camera or GIS export produces and Pillow decodes.
 IMAGE_MAGIC: tuple[tuple[bytes, str], ...] = (
@@ -64,7 +82,10 @@ IMAGE_MAGIC: tuple[tuple[bytes, str], ...] = (
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and the small form fields
 MAX_TOP_K = 1000
 MAX_HEATMAP = 100_000
-TILE_CACHE = 256  # PNG-encoded tiles kept in memory (the page asks for the same few again)
+TILE_CACHE = 256  # encoded tiles kept in memory (the page asks for the same few again)
+PAGE_HEAT_TILES = 1000  # ``?layers=1``: the photo's best tiles in the heat layer
+#: The page may load scripts, styles and images from this server only (blob: is the dropped photo).
+PAGE_CSP = "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'"
 #: Form fields mirror ``cvgl locate``'s flags and ranges.
 FLOAT_FIELDS: dict[str, tuple[str, float, float]] = {
     "heading": ("heading_deg", -360.0, 720.0),
@@ -109,8 +130,11 @@ class ServiceState:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        # Thumbnails are asked for again and again: keep the last TILE_CACHE tiles' PNG bytes.
-        self.tile_png = functools.lru_cache(maxsize=TILE_CACHE)(self._render_tile)
+        # Tiles are asked for again and again: keep the last TILE_CACHE tiles' encoded bytes.
+        # (A tile that fails raises, and exceptions are not cached: a source put back is seen.)
+        self.tile_png = functools.lru_cache(maxsize=TILE_CACHE)(self._render_png)
+        self.tile_jpeg = functools.lru_cache(maxsize=TILE_CACHE)(self._render_jpeg)
+        self.row_of = {str(t): i for i, t in enumerate(self.index.tiles["tile_id"])}
 
     def locate(self, data: bytes, suffix: str, name: str, options: LocateOptions) -> tuple[dict, np.ndarray | None]:
         """Run ``locate_images`` on the upload; the answer names ``name``, never the temp file."""
@@ -125,11 +149,66 @@ class ServiceState:
             result["reason"] = result["reason"].replace(str(path), name)
         return result, scores[0]
 
-    def _render_tile(self, row: int) -> bytes:
-        """One tile as PNG bytes (through ``tile_png``, the cached entry point)."""
+    def tile_problem(self) -> tuple[int, str] | None:
+        """Why tile pixels cannot be shown, as (HTTP status, one line), or None when they can.
+
+        Names the source by its name only: the server's own paths never reach a client."""
+        source = self.index.manifest.source
+        if source is None or not source.path:
+            return 404, "this index does not record where its tiles came from: rebuild it to see tiles"
+        if not Path(source.path).exists():
+            return 404, f"the index's source {source.kind} '{source.name}' is missing on the server (moved or deleted)"
+        return None
+
+    def tile_pixels(self, row: int) -> np.ndarray:
+        """One tile's pixels, or an HTTPException: 404 for a bad row or a missing source, 503 when
+        the source is there but cannot be read."""
+        if not 0 <= row < len(self.index):
+            raise HTTPException(404, f"tile row {row} is outside [0, {len(self.index) - 1}]")
+        problem = self.tile_problem()
+        if problem is not None:
+            raise HTTPException(*problem)
+        try:
+            return self.index.tile_image(row)
+        except CvglError:
+            source = self.index.manifest.source
+            raise HTTPException(503, f"tile {row}: the index's source {source.kind} '{source.name}' could not be read") from None
+
+    def _render_png(self, row: int) -> bytes:
+        """One tile's full pixels as PNG bytes (through ``tile_png``, the cached entry point)."""
         buffer = io.BytesIO()
-        Image.fromarray(np.asarray(tile_image(self.index, row))).convert("RGB").save(buffer, format="PNG")
+        Image.fromarray(np.asarray(self.tile_pixels(row))).convert("RGB").save(buffer, format="PNG")
         return buffer.getvalue()
+
+    def _render_jpeg(self, row: int) -> bytes:
+        """One tile's thumbnail as JPEG bytes (through ``tile_jpeg``): ~15 kB, not a 2 MB PNG."""
+        return jpeg_bytes(self.tile_pixels(row), THUMBNAIL_PX)
+
+    def basemap(self) -> dict | None:
+        """What the page draws under the answer: the overview, else the tiles at their coordinates
+        (thumbnail URLs; outlines when the tile source is gone)."""
+        if self.has_overview():
+            return image_basemap("/overview.png", self.bounds())
+        tiles = self.index.tiles
+        problem = self.tile_problem()
+        url_of = (lambda row: None) if problem else (lambda row: f"/tiles/{row}.jpg")
+        rows = mosaic_rows(len(tiles))
+        note = f"tile pixels unavailable: {problem[1]}" if problem else (
+            f"{len(rows)} of {len(tiles)} tiles shown" if len(rows) < len(tiles) else None)
+        return mosaic_basemap(tiles, rows, self.index.manifest.tile_side_m, url_of, note)
+
+    def has_overview(self) -> bool:
+        return (self.index.path / "overview.png").is_file() and bool(self.index.manifest.overview_bounds)
+
+    def page_layers(self, result: dict, scores: np.ndarray | None) -> dict:
+        """``?layers=1``: the answer as the map's layers (the same code as the map file) and the
+        index rows of its top-k tiles (for their thumbnails)."""
+        manifest = self.index.manifest
+        layers = answer_layers([result], manifest.tile_side_m)
+        if scores is not None:
+            spacing = manifest.tiling.stride_m if manifest.tiling else manifest.tile_side_m
+            layers["heat"] = heat_layer([result], [scores], self.index.tiles, spacing, PAGE_HEAT_TILES)
+        return {"map_layers": layers, "top_k_rows": [self.row_of.get(t["tile_id"]) for t in result["top_k"]]}
 
     def bounds(self) -> tuple[float, float, float, float]:
         """(south, west, north, east) of the map: the overview's, else the tiles' plus a margin."""
@@ -213,10 +292,11 @@ def create_app(
     app = FastAPI(title="cvgl", summary="Cross-view geo-localization: locate a photo against an aerial index.")
     app.state.cvgl = state
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    app.mount("/viz", StaticFiles(directory=str(VIZ_STATIC)), name="viz")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
-        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"), headers={"Content-Security-Policy": PAGE_CSP})
 
     @app.get("/health")
     def health() -> dict:
@@ -224,14 +304,18 @@ def create_app(
 
     @app.get("/meta")
     def meta() -> dict:
+        problem = state.tile_problem()
         return {
             "index": index.path.name,
             "tiles": len(index),
             "encoder": preset,
             "tile_m": index.manifest.tile_m,
+            "tile_m_estimated": index.manifest.tile_m_estimated,  # a tile folder: from centre spacing
             "stride_m": index.manifest.tiling.stride_m if index.manifest.tiling else None,
             "bounds": list(state.bounds()),  # south, west, north, east
-            "overview": (index.path / "overview.png").is_file() and bool(index.manifest.overview_bounds),
+            "overview": state.has_overview(),
+            "basemap": state.basemap(),
+            "tile_pixels": None if problem is None else problem[1],  # why tiles cannot be shown, when not
             "max_upload_bytes": state.max_upload_bytes,
             "views": list(VIEWS),
             "default_top_k": state.options.top_k,
@@ -246,12 +330,14 @@ def create_app(
 
     @app.get("/tiles/{row}.png", include_in_schema=False)
     def tile(row: int) -> Response:
-        if not 0 <= row < len(index):
-            raise HTTPException(404, f"tile row {row} is outside [0, {len(index) - 1}]")
         return Response(state.tile_png(row), media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
+    @app.get("/tiles/{row}.jpg", include_in_schema=False)
+    def tile_thumbnail(row: int) -> Response:
+        return Response(state.tile_jpeg(row), media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
     @app.post("/locate")
-    async def locate(request: Request, heatmap: int = 0) -> dict:
+    async def locate(request: Request, heatmap: int = 0, layers: bool = False) -> dict:
         if not 0 <= heatmap <= MAX_HEATMAP:
             raise HTTPException(422, f"heatmap: {heatmap} is outside [0, {MAX_HEATMAP}]")
         if "multipart/form-data" not in request.headers.get("content-type", ""):
@@ -284,6 +370,8 @@ def create_app(
             ranked, _ = ranked_tiles(scores)
             result["heatmap"] = _heatmap(ranked[:heatmap], scores, index)
             result["top_k_rows"] = [int(i) for i in ranked[: len(result["top_k"])]]
+        if layers:
+            result.update(state.page_layers(result, scores))
         return result
 
     return app

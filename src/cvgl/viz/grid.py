@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from cvgl.io import write_bytes_atomic
 
-__all__ = ["write_retrieval_grid", "grid_size", "PAD", "TITLE_H", "LABEL_H", "FRAME"]
+__all__ = ["FRAME", "LABEL_H", "PAD", "TITLE_H", "grid_size", "write_retrieval_grid"]
 
 PAD = 8  #: gap between cells and around the image
 TITLE_H = 30  #: height of the title band
