@@ -276,3 +276,29 @@ def test_bad_numeric_flags_are_usage_errors(gem_index: Path, tmp_path: Path, cap
             run(["locate", gem_index, photo, "--encoder", "gem", *TINY, *flag])
         assert info.value.code == 2
         assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_photo_failing_inside_a_library_is_skipped_not_the_batch(gem_index: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """An OpenCV/numpy error from one photo (not a cvgl error) costs only that photo its answer."""
+    import cv2
+
+    import cvgl.locate
+
+    real = cvgl.locate.prepare_query
+
+    def flaky(path, *args, **kwargs):
+        if Path(path).name == "bad.png":
+            raise cv2.error("OpenCV(4.x) resize.cpp:4152: error: (-215:Assertion failed) !ssize.empty()")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(cvgl.locate, "prepare_query", flaky)
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    Image.fromarray(_photo(3)).save(good)
+    Image.fromarray(_photo(4)).save(bad)
+    code = run(["locate", gem_index, bad, good, "--rotations", "2", "--encoder", "gem", *TINY])
+    captured = capsys.readouterr()
+    assert code == 0
+    first, second = [json.loads(line) for line in captured.out.splitlines()]
+    assert first["status"] == "skipped" and "bad.png" in first["reason"] and "error" in first["reason"]
+    assert second["status"] == "located"
+    assert "Traceback" not in captured.err

@@ -55,13 +55,16 @@ def locate_images(
     for i, path in enumerate(tqdm(paths, desc="encoding photos", unit="photo", disable=not progress)):
         try:
             query = prepare_query(Path(path), options.query, tile_m, gsd_m)
-        except CvglError as exc:
-            errors[i] = str(exc)
+            desc = encoder.encode([h.image for h in query.hypotheses], batch_size=options.batch_size)
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one photo's failure never costs the others their answers
+            errors[i] = one_line_reason(Path(path), exc)
             prepared.append(None)
             descriptors.append(None)
             continue
         prepared.append(query)
-        descriptors.append(encoder.encode([h.image for h in query.hypotheses], batch_size=options.batch_size))
+        descriptors.append(desc)
 
     alignment = options.query_alignment or index.alignment
     prior = index.prior(options.near, options.radius_km)  # once for every photo, not per search
@@ -77,8 +80,15 @@ def locate_images(
             results.append(Skipped(str(paths[i]), errors[i]))
             all_scores.append(None)
             continue
-        tile_scores, best_hyp = hypothesis_scores(index, desc, alignment, prior, options.candidates)
-        results.append(answer_from_scores(query, tile_scores, best_hyp, index, options.top_k, options.temperature, describe(alignment)))
+        try:
+            tile_scores, best_hyp = hypothesis_scores(index, desc, alignment, prior, options.candidates)
+            results.append(answer_from_scores(query, tile_scores, best_hyp, index, options.top_k, options.temperature, describe(alignment)))
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            results.append(Skipped(str(paths[i]), one_line_reason(Path(paths[i]), exc)))
+            all_scores.append(None)
+            continue
         all_scores.append(tile_scores)
     return results, all_scores, prepared
 
@@ -86,3 +96,12 @@ def locate_images(
 def describe(alignment: Alignment) -> str:
     """How an answer names its alignment: the kind, and the file digest for a saved one."""
     return alignment.kind if alignment.kind == "none" else f"{alignment.kind}:{alignment.digest()[:12]}"
+
+
+def one_line_reason(path: Path, exc: BaseException) -> str:
+    """A photo's failure as one line naming it: our own errors as they are, anything else
+    (OpenCV, numpy, Pillow) with its type, so the batch report never needs a traceback."""
+    if isinstance(exc, CvglError):
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    detail = " ".join(str(exc).split())[:160] or "no detail"
+    return f"{path}: could not be processed ({type(exc).__name__}: {detail})"
