@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "cvgl"
 
 #: Module prefixes per layer, lowest first; a module may import its own layer and those below.
 LAYERS: list[tuple[str, ...]] = [
-    ("cvgl.errors", "cvgl.io", "cvgl.typed", "cvgl.geo", "cvgl.schemas"),
+    ("cvgl.errors", "cvgl.io", "cvgl.typed", "cvgl.geo", "cvgl.schemas", "cvgl.budget"),
     ("cvgl.data", "cvgl.evaluate.metrics"),
     ("cvgl.models",),
     ("cvgl.preprocess", "cvgl.alignment", "cvgl.street"),

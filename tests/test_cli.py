@@ -25,11 +25,12 @@ def run(argv: list[str]) -> int:
 
 
 def error_lines(err: str) -> list[str]:
-    """stderr without progress bars (tqdm redraws with carriage returns)."""
+    """stderr without progress lines (tqdm redraws with carriage returns; the start-up line)."""
     lines = []
     for line in err.splitlines():
         line = line.split("\r")[-1].strip()
-        if line and "it/s" not in line and "s/it" not in line and "tile/s" not in line and "photo/s" not in line:
+        progress = line.startswith("cvgl: ") and line.endswith("...")  # "cvgl: loading the model (...)..."
+        if line and not progress and "it/s" not in line and "s/it" not in line and "tile/s" not in line and "photo/s" not in line:
             lines.append(line)
     return lines
 
@@ -179,9 +180,17 @@ def test_locate_skips_too_small_photo(gem_index: Path, tmp_path: Path, capsys: p
 
 
 def test_locate_all_bad_exits_nonzero(gem_index: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # Unreadable photos are found from their headers, before the model loads: one line, exit 2.
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
-    assert run(["locate", gem_index, empty, *TINY]) == 1
+    assert run(["locate", gem_index, empty, *TINY]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and [line for line in error_lines(captured.err)] == [
+        f"cvgl locate: error: {empty}: file is empty (0 bytes); re-export or re-download it"]
+    # Readable photos that all fail later are each a skipped answer: exit 1.
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((90, 120, 3), 128, np.uint8)).save(blank)
+    assert run(["locate", gem_index, blank, *TINY]) == 1
     assert json.loads(capsys.readouterr().out)["status"] == "skipped"
 
 

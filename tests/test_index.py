@@ -305,7 +305,7 @@ def test_build_index_from_geotiff(tmp_path: Path, utm_geotiff: Path, tiny_encode
     assert manifest.encoder.preset == "gem"
     assert manifest.encoder.arch == "dinov2_tiny_test"
     assert manifest.tile_m == 56
-    assert manifest.to_dict()["tiling"] == {"tile_m": 56, "stride_m": 28, "gsd_m": 1.0, "bands": None}
+    assert manifest.to_dict()["tiling"] == {"tile_m": 56, "stride_m": 28, "gsd_m": 1.0, "bands": None, "crs": None}
     assert manifest.source.kind == "geotiff"
     assert manifest.alignment["kind"] == DEFAULT_KIND
     assert index.overview() is not None

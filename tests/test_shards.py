@@ -66,6 +66,7 @@ class CountingEncoder:
     def __init__(self, encoder) -> None:
         self.encoder = encoder
         self.identity = encoder.identity
+        self.dim = encoder.dim  # build_index checks the index's memory before encoding
         self.images = 0
 
     def encode(self, images, batch_size: int = 16) -> np.ndarray:

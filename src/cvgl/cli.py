@@ -4,10 +4,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 from cvgl.errors import CvglError
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every ``--help`` shows the defaults; a usage error is one line (``cvgl locate: error: ...``),
+    not the usage block followed by the message."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def _started(what: str) -> None:
+    """One line on stderr before a slow start (loading a model takes seconds), so a user knows
+    what the command is doing."""
+    print(f"cvgl: {what}...", file=sys.stderr, flush=True)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -31,6 +50,44 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _int_in(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is outside [{low}, {high}]")
+        return value
+
+    return parse
+
+
+def _scales(text: str) -> tuple[float, ...]:
+    from cvgl.preprocess import MAX_SCALES
+
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of numbers (e.g. 0.6,0.8,1)") from None
+    bad = [v for v in values if not (math.isfinite(v) and 0.0 < v <= 1.0)]
+    if bad or not 1 <= len(values) <= MAX_SCALES:
+        raise argparse.ArgumentTypeError(
+            f"'{text}': give 1 to {MAX_SCALES} fractions of the photo's short side, each in (0, 1]"
+        )
+    return values
+
+
+def _crs(text: str) -> str:
+    from cvgl.data.raster import parse_crs
+    from cvgl.geo import crs_key
+
+    try:
+        return crs_key(parse_crs(text))
+    except CvglError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--crs ")) from None
+
+
 def _latlon(text: str) -> tuple[float, float]:
     try:
         lat, lon = (float(v) for v in text.split(","))
@@ -47,6 +104,8 @@ def _in_range(low: float, high: float):
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"{value:g} is outside [{low:g}, {high:g}]")
         return value
@@ -62,39 +121,45 @@ def build_parser() -> argparse.ArgumentParser:
     from cvgl.alignment import DEFAULT_KIND
     from cvgl.data.views import VIEWS
     from cvgl.models.presets import DEFAULT_PRESET, PRESETS
+    from cvgl.preprocess import MAX_HEADING_TOLERANCE_DEG, MAX_ROTATIONS
 
-    parser = argparse.ArgumentParser(prog="cvgl", description="Cross-view geo-localization.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="cvgl", description="Cross-view geo-localization.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def query_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--view", default="drone", choices=list(VIEWS), help="what the photos look like")
-        p.add_argument("--heading", type=float, default=None, help="camera heading, degrees clockwise from north")
+        p.add_argument("--heading", type=_in_range(-360.0, 720.0), default=None, help="camera heading, degrees clockwise from north")
         p.add_argument("--pitch", type=_in_range(0.0, 80.0), default=None, help="camera pitch from nadir, degrees (0 = straight down)")
         p.add_argument("--altitude", type=_in_range(0.1, 1e5), default=None, help="height above ground, metres")
         p.add_argument("--hfov", type=_in_range(1.0, 170.0), default=None, help="horizontal field of view, degrees")
-        p.add_argument("--rotations", type=_positive_int, default=16, help="heading hypotheses when the heading is unknown")
+        p.add_argument("--rotations", type=_int_in(1, MAX_ROTATIONS), default=16, help="heading hypotheses when the heading is unknown")
         p.add_argument(
-            "--scales", type=lambda t: tuple(float(v) for v in t.split(",")), default=(1.0,),
+            "--scales", type=_scales, default=(1.0,),
             help="footprint hypotheses when the altitude is unknown: fractions of the photo's short side, e.g. 0.6,0.8,1",
         )
-        p.add_argument("--heading-tolerance", type=float, default=0.0, help="also try heading +- this (degrees)")
+        p.add_argument("--heading-tolerance", type=_in_range(0.0, MAX_HEADING_TOLERANCE_DEG), default=0.0,
+                       help="also try heading +- this (degrees)")
 
     def encoder_args(p: argparse.ArgumentParser, default_preset: str | None) -> None:
         p.add_argument("--encoder", default=default_preset, choices=sorted(PRESETS), help="zero-shot recipe")
         p.add_argument("--weights", default="embedded", help="embedded | PATH (.safetensors/.pth) | hub:<arch>")
-        p.add_argument("--input-size", type=_size, default=None, help="H[,W] in pixels, multiples of 14")
-        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        p.add_argument("--input-size", type=_size, default=None, help="H[,W] in pixels, multiples of 14 (None: the preset's, or the index's)")
+        p.add_argument("--threads", type=_int_in(1, 1024), default=None, help="torch CPU threads (None: torch's choice)")
 
     p = sub.add_parser("index", help="encode a GeoTIFF or a tile folder into a reference index")
     p.add_argument("source", type=Path, help="GeoTIFF, or a folder of tiles with tiles.csv (id,lat,lon)")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="index folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an index at --out that was built with other settings")
     p.add_argument("--csv", type=Path, default=None, help="tile CSV when SOURCE is a folder")
-    p.add_argument("--tile-m", type=float, default=112.0, help="tile side on the ground, metres")
-    p.add_argument("--stride-m", type=float, default=56.0)
-    p.add_argument("--gsd", type=float, default=0.5, help="target ground sample distance, metres")
-    p.add_argument("--bands", type=_bands, default=None, help="1-based bands, e.g. 5,3,2")
-    p.add_argument("--alignment", default=DEFAULT_KIND, choices=["none", "center", "pca-whiten"])
-    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--tile-m", type=_in_range(1e-3, 1e5), default=112.0, help="tile side on the ground, metres")
+    p.add_argument("--stride-m", type=_in_range(1e-3, 1e5), default=56.0, help="distance between neighbouring tiles, metres")
+    p.add_argument("--gsd", type=_in_range(1e-4, 1e4), default=0.5, help="target ground sample distance, metres")
+    p.add_argument("--bands", type=_bands, default=None, help="1-based bands, e.g. 5,3,2 (None: the red, green, blue bands)")
+    p.add_argument("--crs", type=_crs, default=None, metavar="EPSG:CODE",
+                   help="the raster's CRS, replacing a wrong or missing one in the file (recorded in the index)")
+    p.add_argument("--alignment", default=DEFAULT_KIND, choices=["none", "center", "pca-whiten"],
+                   help="reference-side alignment fitted on the tiles")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="tiles per forward pass of the encoder")
     p.add_argument("--shard-size", type=_positive_int, default=128, help="tiles per shard (the unit of resume and of Ray work)")
     p.add_argument("--ray", default=None, metavar="auto|ADDRESS", help="embed on Ray: auto = local instance, or a cluster address")
     p.add_argument("--workers", type=_positive_int, default=2, help="model-holding Ray actors (with --ray)")
@@ -113,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", type=Path, default=None, help="write a PNG retrieval grid here")
     query_args(p)
     p.add_argument("--query-alignment", type=Path, default=None, metavar="FILE",
-                   help="a query-view alignment saved by cvgl align (default: none)")
+                   help="a query-view alignment saved by cvgl align")
     p.add_argument("--near", type=_latlon, default=None, metavar="LAT,LON",
                    help="geographic prior: only consider tiles within --radius-km of this point")
     p.add_argument("--radius-km", type=_in_range(1e-3, 20_000.0), default=None, help="radius of --near, km")
@@ -128,17 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     encoder_args(p, None)
 
     p = sub.add_parser("serve", help="serve an index over HTTP: POST /locate, GET /health, a map page at /")
-    p.add_argument("index", type=Path)
+    p.add_argument("index", type=Path, help="index folder built by cvgl index")
     p.add_argument("--host", default="127.0.0.1", help="bind address (127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_int_in(1, 65535), default=8000, help="TCP port to listen on")
     p.add_argument("--max-upload-mb", type=_in_range(0.01, 1024.0), default=25.0, help="largest accepted photo")
     p.add_argument("--query-alignment", type=Path, default=None, metavar="FILE",
-                   help="a query-view alignment saved by cvgl align (default: none)")
+                   help="a query-view alignment saved by cvgl align")
     encoder_args(p, None)
 
     p = sub.add_parser("bench", help="run benchmarks and write docs/benchmarks.md")
     p.add_argument("names", nargs="+", help="longmont | real-pairs | throughput | scale | ray-index | service | all")
-    p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"), help="markdown file to write")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     p.add_argument("--assemble", action="store_true", help="rebuild --out from the sections kept in bench_out/")
 
@@ -151,21 +216,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("explain", help="draw what a trained SALAD head keeps (dustbin) and its cluster assignments")
     p.add_argument("model", type=Path, help="model.safetensors written by cvgl train")
-    p.add_argument("query", type=Path)
-    p.add_argument("reference", type=Path)
+    p.add_argument("query", type=Path, help="a query photo")
+    p.add_argument("reference", type=Path, help="a reference tile")
     p.add_argument("--out", type=Path, required=True, help="PNG to write")
 
     p = sub.add_parser("demo", help="index Longmont (WV3), locate simulated drone photos (WV2)")
-    p.add_argument("--out", type=Path, default=Path("demo_out"))
-    p.add_argument("--per-family", type=int, default=12)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for the index, photos, answers and map")
+    p.add_argument("--per-family", type=_int_in(1, 10_000), default=12, help="simulated drone photos per benchmark family")
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulated photos")
+    p.add_argument("--threads", type=_int_in(1, 1024), default=None, help="torch CPU threads (None: torch's choice)")
     return parser
 
 
 def _encoder(args: argparse.Namespace, preset: str, view: str = "reference"):
     from cvgl.models.factory import create_encoder
 
+    _started(f"loading the model ({preset}, weights {args.weights})")
     return create_encoder(preset, args.weights, args.input_size, view=view)
 
 
@@ -182,17 +248,22 @@ def cmd_index(args: argparse.Namespace) -> int:
     from cvgl.index.ray_embed import RayOptions, check_reachable, import_ray
     from cvgl.models.factory import EncoderRecipe
 
-    spec = TilingSpec(tile_m=args.tile_m, stride_m=args.stride_m, gsd_m=args.gsd, bands=args.bands)
+    spec = TilingSpec(tile_m=args.tile_m, stride_m=args.stride_m, gsd_m=args.gsd, bands=args.bands, crs=args.crs)
+    if args.source.is_file():  # georeferencing, tile size and grid memory, before the model loads
+        from cvgl.data.tiling import grid_size
+
+        grid_size(args.source, spec)
     if args.ray:  # "install cvgl[ray]" or "unreachable" before loading any model
         import_ray()
         if args.ray != "auto":
             check_reachable(args.ray)
     recipe = EncoderRecipe.capture(args.encoder, args.weights, args.input_size)  # Ray actors rebuild the same
+    _started(f"loading the model ({args.encoder}, weights {args.weights})")
     encoder = recipe.build()
     ray = RayOptions(recipe, args.ray, args.workers) if args.ray else None
     out = build_index(
         args.source, args.out, encoder, spec, args.alignment, args.csv, args.batch_size, shard_size=args.shard_size, ray=ray,
-        index_type=args.index_type,
+        index_type=args.index_type, overwrite=args.overwrite,
     )
     print(f"indexed {args.source} -> {out}")
     return 0
@@ -226,7 +297,7 @@ def cmd_locate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from cvgl.answer import accuracy_summary, csv_text, geojson
-    from cvgl.data.images import load_image, photo_paths
+    from cvgl.data.images import check_photos, load_image, photo_paths
     from cvgl.io import (
         check_output_path,
         dumps_json,
@@ -244,6 +315,7 @@ def cmd_locate(args: argparse.Namespace) -> int:
         if path is not None:
             check_output_path(path, flag)  # before minutes of work, not after
     photos = photo_paths(args.images)
+    check_photos(photos)  # headers, before the model loads
     manifest_index, encoder = _index_and_encoder(args)
     options = LocateOptions(
         query=_query_options(args), top_k=args.top_k, near=args.near, radius_km=args.radius_km,
@@ -285,12 +357,13 @@ def cmd_align(args: argparse.Namespace) -> int:
     import numpy as np
 
     from cvgl.alignment import fit_alignment
-    from cvgl.data.images import photo_paths
+    from cvgl.data.images import check_photos, photo_paths
     from cvgl.io import check_output_path
     from cvgl.preprocess import prepare_query
 
     check_output_path(args.out, "--out")
     photos = photo_paths(args.images)
+    check_photos(photos)  # headers, before the model loads
     index, encoder = _index_and_encoder(args)
     options = _query_options(args)
     descriptors, skipped = [], 0
@@ -344,6 +417,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cvgl.train.trainer import Trainer
 
     config = load_config(args.config, args.set)
+    _started(f"building the model ({config.model.weights}) and the data")
     trainer = Trainer(config, args.out)
     result = trainer.fit(resume=not args.no_resume, stop_after_steps=args.max_steps)
     if trainer.world.is_main:

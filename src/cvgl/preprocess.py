@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cvgl.budget import check_allocation, image_bytes
 from cvgl.data.geometry import (
     DEFAULT_HFOV_DEG,
     center_crop,
@@ -23,13 +24,17 @@ from cvgl.data.geometry import (
     rotate_image,
     scale_image,
 )
-from cvgl.data.images import load_image
+from cvgl.data.images import load_photo
 from cvgl.data.metadata import CameraMetadata, read_camera_metadata
 from cvgl.data.views import VIEWS
 from cvgl.errors import InputError
 
 MAX_PITCH_DEG = 80.0  # steeper than this, a rectified view is mostly sky or smeared horizon
 MIN_SIDE_PX = 28  # two patches: anything smaller carries no usable evidence
+# Bounds of the hypothesis search (what a user may ask for; memory is checked on top, per photo).
+MAX_ROTATIONS = 360  # 1 degree apart: finer than a ViT patch descriptor can tell apart
+MAX_SCALES = 16
+MAX_HEADING_TOLERANCE_DEG = 180.0  # +-180 already covers every heading
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,26 @@ class QueryOptions:
     def __post_init__(self) -> None:
         if self.view not in VIEWS:
             raise ValueError(f"view must be one of {VIEWS}")
+        self.check()
+
+    def check(self) -> None:
+        """Refuse values that would search nothing meaningful or without bound (one line each)."""
+        def finite(name: str, value: float | None, low: float, high: float) -> None:
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
+                raise InputError(f"{name} {value!r}: expected a finite number in [{low:g}, {high:g}]")
+
+        finite("heading", self.heading_deg, -360.0, 720.0)
+        finite("pitch", self.pitch_deg, 0.0, MAX_PITCH_DEG)
+        finite("altitude", self.altitude_m, 1e-3, 1e6)
+        finite("hfov", self.hfov_deg, 1.0, 170.0)
+        finite("heading tolerance", self.heading_tolerance_deg, 0.0, MAX_HEADING_TOLERANCE_DEG)
+        if isinstance(self.rotations, bool) or not isinstance(self.rotations, int) or not 1 <= self.rotations <= MAX_ROTATIONS:
+            raise InputError(f"rotations {self.rotations!r}: expected a whole number in [1, {MAX_ROTATIONS}]")
+        if not self.scales or len(self.scales) > MAX_SCALES:
+            raise InputError(f"scales {list(self.scales)}: give 1 to {MAX_SCALES} values")
+        for scale in self.scales:
+            if not (isinstance(scale, (int, float)) and math.isfinite(scale) and 0.0 < scale <= 1.0):
+                raise InputError(f"scale {scale!r}: a footprint is a fraction of the photo's short side, in (0, 1]")
 
 
 @dataclass
@@ -85,11 +110,12 @@ MAX_FLAT_SHARE = 0.98  # share of the photo in one grey level above which it is 
 def content_problem(image: np.ndarray) -> str | None:
     """Why ``image`` carries no evidence (uniform, fully transparent composited to black, a 1-px
     resample, almost all one colour), or None. Measured on a small grey thumbnail, so cheap."""
-    grey = np.asarray(image, dtype=np.float32)
+    pixels = np.asarray(image)
+    step = max(1, min(pixels.shape[:2]) // 128)
+    grey = pixels[::step, ::step].astype(np.float32)  # subsample first: never a float copy of a big photo
     if grey.ndim == 3:
         grey = grey[..., :3].mean(-1)
-    step = max(1, min(grey.shape) // 128)
-    thumb = np.rint(grey[::step, ::step])
+    thumb = np.rint(grey)
     if float(thumb.std()) < MIN_CONTRAST:
         return f"the photo is a single uniform colour (grey std {thumb.std():.2f})"
     _, counts = np.unique(thumb, return_counts=True)
@@ -103,7 +129,7 @@ def prepare_query(
     path: Path, options: QueryOptions, tile_m: float | None, gsd_m: float | None
 ) -> PreparedQuery:
     """Load a photo and turn it into the reference's geometry (or hypotheses of it)."""
-    image = np.asarray(load_image(path))
+    image = np.asarray(load_photo(path))  # the photo rules (formats, animation) the service applies too
     if min(image.shape[:2]) < MIN_SIDE_PX:
         raise InputError(f"{path}: image is {image.shape[1]}x{image.shape[0]} px, too small to locate (min {MIN_SIDE_PX})")
     problem = content_problem(image)
@@ -135,6 +161,7 @@ def prepare_query(
     if altitude is not None and not altitude > 0:
         raise InputError(f"{path}: altitude {altitude:g} m above ground is not positive; pass --altitude")
     heading, heading_source = _known(options.heading_deg, meta.heading_deg)
+    n_angles = (3 if options.heading_tolerance_deg > 0 else 1) if heading is not None else options.rotations
 
     # Each view is (canvas, crop side, scale): hypotheses rotate the whole canvas and then cut
     # the central crop, so a photo with margin around the tile footprint rotates without
@@ -144,8 +171,9 @@ def prepare_query(
         # Rectification keeps the photo-centre resolution, set by the slant range to the centre.
         slant = altitude / math.cos(math.radians(pitch))
         photo_gsd = slant * 2.0 * math.tan(math.radians(hfov) / 2.0) / width
-        scaled = scale_image(image, photo_gsd / gsd_m)
         tile_px = int(round(tile_m / gsd_m))
+        _check_rescale(path, image, altitude, photo_gsd, gsd_m, tile_px, n_angles)
+        scaled = scale_image(image, photo_gsd / gsd_m)
         if options.pad_to_tile:
             # A photo covering less ground than a tile is padded, not zoomed: scale is evidence.
             views.append((pad_to(scaled, tile_px), tile_px, 1.0))
@@ -153,6 +181,11 @@ def prepare_query(
             views.append((scaled, min(tile_px, *scaled.shape[:2]), 1.0))
     else:
         side = min(height, width)
+        check_allocation(
+            f"{path}: {n_angles} heading x {len(options.scales)} scale hypotheses of this {width}x{height} px photo",
+            n_angles * len(options.scales) * image_bytes(height, width, image.shape[2] if image.ndim == 3 else 1),
+            "pass --heading (or fewer --rotations / --scales), or downsample the photo",
+        )
         views += [(image, max(MIN_SIDE_PX, int(round(side * min(s, 1.0)))), s) for s in options.scales]
 
     if heading is not None:
@@ -168,6 +201,29 @@ def prepare_query(
         for angle in angles
     ]
     return PreparedQuery(str(path), hypotheses, heading_source, pitch, altitude, meta)
+
+
+def _check_rescale(path: Path, image: np.ndarray, altitude: float, photo_gsd: float, gsd_m: float,
+                   tile_px: int, n_angles: int) -> None:
+    """Before scaling a photo to the index's ground resolution: refuse a footprint too small to
+    carry evidence (an altitude of centimetres) and a canvas too big for the memory budget (an
+    altitude of 100 km), naming the altitude and the sizes."""
+    height, width = image.shape[:2]
+    factor = photo_gsd / gsd_m
+    out_h, out_w = height * factor, width * factor
+    if not min(out_h, out_w) >= MIN_SIDE_PX:
+        raise InputError(
+            f"{path}: at {altitude:g} m above ground the photo covers {min(out_h, out_w) * gsd_m:.3g} m, "
+            f"{min(out_h, out_w):.1f} px at the index's {gsd_m:g} m/px (min {MIN_SIDE_PX}); "
+            "check the altitude (--altitude, or the photo's XMP RelativeAltitude)"
+        )
+    canvas = image_bytes(max(out_h, tile_px), max(out_w, tile_px), image.shape[2] if image.ndim == 3 else 1)
+    check_allocation(
+        f"{path}: altitude {altitude:g} m scales this {width}x{height} px photo by {factor:.3g} to "
+        f"{out_w:.0f}x{out_h:.0f} px, which with {n_angles} heading hypotheses",
+        (2 + n_angles) * canvas,
+        "check the altitude (--altitude, or the photo's XMP RelativeAltitude) and the camera's field of view",
+    )
 
 
 def pad_to(image: np.ndarray, side: int) -> np.ndarray:

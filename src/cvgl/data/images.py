@@ -6,6 +6,16 @@ alpha, 16-bit or float TIFFs from photogrammetry tools, and the odd CMYK scan. T
 all of them into that one format, and turns every way a file can be broken into a one-line
 :class:`~cvgl.errors.InputError` instead of a Pillow traceback.
 
+One rule for photos, in ``cvgl locate`` and the service alike (:func:`load_photo`): a photo is
+one still picture in :data:`PHOTO_FORMATS` (JPEG, PNG, TIFF, WebP: what cameras and GIS exports
+write). An animated image (GIF, APNG, WebP) is refused everywhere (also as a tile) with one line
+naming the file: which frame would be "the photo" is a guess, and a wrong guess is a confident
+wrong answer. (A multi-page TIFF is read at its first page, as every GIS tool does.) Tiles and
+dataset images may also be still GIF or BMP (:data:`IMAGE_FORMATS`).
+Decoding is bounded twice: :data:`MAX_PIXELS` refuses bombs from the header, and the memory a
+decode will take (pixels x bands x depth, with its working copies) is checked against the memory
+budget of :mod:`cvgl.budget` before any pixel is decoded.
+
 Alpha convention: transparent pixels are composited onto BLACK (RGB * alpha). Transparency in
 aerial exports marks "no data" (outside the survey area), and the colour stored under it is
 undefined - often white, sometimes garbage. Black is also the fill every warp in
@@ -21,6 +31,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
+from cvgl.budget import check_allocation
 from cvgl.errors import InputError
 
 #: Largest image (width * height) we agree to decode. A 200 MP RGB image already needs 600 MB;
@@ -34,6 +45,12 @@ MAX_PIXELS = 200_000_000
 if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_PIXELS // 2:
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS // 2
 
+#: Pillow formats read as photos (MPO is a JPEG with an embedded preview, as many drones write).
+PHOTO_FORMATS = ("JPEG", "MPO", "PNG", "TIFF", "WEBP")
+#: Pillow formats read as any image (tiles, dataset images).
+IMAGE_FORMATS = (*PHOTO_FORMATS, "GIF", "BMP")
+#: Formats whose extra frames are an animation (refused), not previews or pages (first one read).
+_ANIMATED_FORMATS = frozenset({"GIF", "PNG", "WEBP"})
 _HIGH_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
@@ -126,7 +143,43 @@ def open_image(path: str | Path) -> Image.Image:
     if width * height > MAX_PIXELS:
         img.close()
         raise _too_big(p, width, height)
+    if img.format not in IMAGE_FORMATS:
+        img.close()
+        raise InputError(f"{p}: {img.format} images are not read; convert it to JPEG, PNG or TIFF")
+    frames = _frame_count(img)
+    if img.format in _ANIMATED_FORMATS and frames > 1:
+        img.close()
+        raise InputError(f"{p}: animated {img.format} ({frames} frames); which frame is the photo is a guess, "
+                         "so export the one you mean as a still JPEG or PNG")
     return img
+
+
+def _frame_count(img: Image.Image) -> int:
+    try:
+        return int(getattr(img, "n_frames", 1))
+    except Exception:  # noqa: BLE001 - a broken frame table: the first frame is still readable
+        return 1
+
+
+def decode_bytes(img: Image.Image) -> float:
+    """Memory :func:`load_image` needs for ``img`` (header only): the decoded pixels, the upright
+    copy, the RGB result and the caller's array, plus the float work of alpha and deep images."""
+    width, height = img.size
+    bands = len(img.getbands())
+    depth = 4 if img.mode in ("I", "F") else 2 if img.mode.startswith("I;16") else 1
+    per_px = 2.0 * bands * depth + 6.0
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        per_px += 18.0  # RGBA copy + uint16 premultiply
+    if img.mode in _HIGH_DEPTH_MODES:
+        per_px += 24.0  # float64 stretch of one band, with its mask
+    return float(width) * float(height) * per_px
+
+
+def check_decode(p: Path, img: Image.Image) -> None:
+    """Refuse, before decoding, an image whose decode alone would exceed the memory budget."""
+    width, height = img.size
+    check_allocation(f"{p}: decoding this {width}x{height} {img.mode} image", decode_bytes(img),
+                     "downsample it (e.g. to 4000 px on the long side) before use")
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -148,6 +201,7 @@ def load_image(path: str | Path) -> Image.Image:
     with img:
         if _is_high_depth_multiband_tiff(img):
             return Image.fromarray(_load_tiff_with_opencv(p))
+        check_decode(p, img)
         try:
             img.load()
         except Exception as exc:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ...
@@ -155,6 +209,27 @@ def load_image(path: str | Path) -> Image.Image:
                              "re-export or re-download the file") from exc
         upright = _apply_orientation(img)
     return _to_rgb(upright, p)
+
+
+def load_photo(path: str | Path) -> Image.Image:
+    """:func:`load_image` for a photo to locate: refuses formats outside :data:`PHOTO_FORMATS`
+    first (the same rule as the service's upload check), so a GIF is refused by both."""
+    p = Path(path)
+    problem = _photo_format_problem(p)
+    if problem:
+        raise InputError(problem)
+    return load_image(p)
+
+
+def _photo_format_problem(p: Path) -> str | None:
+    try:
+        with open_image(p) as img:
+            fmt = img.format
+    except InputError:
+        return None  # load_image reports it (or decodes an exotic TIFF with OpenCV)
+    if fmt not in PHOTO_FORMATS:
+        return f"{p}: {fmt} is not a photo format cvgl reads (JPEG, PNG, TIFF, WebP); convert it"
+    return None
 
 
 def image_to_tensor(image: Image.Image, size: tuple[int, int]):
@@ -281,6 +356,9 @@ def _load_tiff_with_opencv(p: Path) -> np.ndarray:
                          "as an 8- or 16-bit TIFF")
     if size[0] * size[1] > MAX_PIXELS:
         raise _too_big(p, *size)
+    # Up to 4 bands of up to 4 bytes, as read and as float64 for the stretch, plus the RGB result.
+    check_allocation(f"{p}: decoding this {size[0]}x{size[1]} TIFF", float(size[0]) * size[1] * (16 + 32 + 6) + p.stat().st_size,
+                     "downsample it before use")
     try:
         data = np.fromfile(p, dtype=np.uint8)
         arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
@@ -332,6 +410,31 @@ def _reason(exc: BaseException) -> str:
 
 #: Photo file types ``cvgl locate`` picks out of a folder (by extension, case-insensitive).
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp")
+
+
+def photo_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a photo, from its header alone (missing, empty, not an image, an
+    unread format, animated, too big to decode), or None. Cheap: no pixel is decoded."""
+    p = Path(path)
+    try:
+        with open_image(p) as img:
+            if not _is_high_depth_multiband_tiff(img):
+                check_decode(p, img)
+    except InputError as exc:
+        if isinstance(exc.__cause__, UnidentifiedImageError) and _is_tiff(p) and _tiff_size(p) is not None:
+            return None  # a float / exotic TIFF: OpenCV decodes it
+        return str(exc)
+    return _photo_format_problem(p)
+
+
+def check_photos(paths: list[Path]) -> None:
+    """Check every photo's header before a model is loaded: when none is usable, stop now with
+    the first reason (one line). Photos that fail among usable ones are left to the batch, which
+    reports each as skipped with the same reason."""
+    problems = [problem for problem in map(photo_problem, paths) if problem]
+    if paths and len(problems) == len(paths):
+        more = f" (and {len(problems) - 1} more photo(s) that cannot be read)" if len(problems) > 1 else ""
+        raise InputError(f"{problems[0]}{more}")
 
 
 def photo_paths(items: list[Path]) -> list[Path]:

@@ -14,12 +14,17 @@ information lives in two places:
   not well-formed (NUL padding, truncated APP1 segments, odd namespace prefixes).
 
 Missing or malformed metadata is normal and yields ``None`` fields; only a file that is not a
-readable image raises :class:`~cvgl.errors.InputError`.
+readable image raises :class:`~cvgl.errors.InputError`. A value that parses but cannot be true (a
+yaw of 1e308 degrees, a drone 100 km above ground, a 0.001 mm lens; see :data:`PLAUSIBLE`) is
+treated as unknown too, with one warning line naming the file, the field and the value: metadata
+we cannot trust must not rotate or rescale a photo into a confident wrong answer, and a photo
+with unknown heading or altitude is still located (by searching them).
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -35,6 +40,21 @@ from cvgl.errors import InputError
 from cvgl.io import write_bytes_atomic
 
 DJI_NAMESPACE = "http://www.dji.com/drone-dji/1.0/"
+log = logging.getLogger(__name__)
+
+#: Ranges outside which a recorded value is nonsense and treated as unknown (with a warning).
+#: Yaws: DJI writes -180..180, other writers 0..360. Pitch: -90 is nadir, +90 straight up.
+#: Altitude above the take-off point: no drone flies 10 km up. 35 mm focal lengths: a fisheye
+#: (about 8 mm) to a 2000 mm telephoto.
+PLAUSIBLE: dict[str, tuple[float, float]] = {
+    "GimbalYawDegree": (-360.0, 360.0),
+    "FlightYawDegree": (-360.0, 360.0),
+    "GimbalPitchDegree": (-180.0, 180.0),
+    "RelativeAltitude": (-10_000.0, 10_000.0),
+    "AbsoluteAltitude": (-1_000.0, 100_000.0),
+    "FocalLength": (0.5, 2000.0),
+    "FocalLengthIn35mmFilm": (4.0, 2000.0),
+}
 
 _GPS_LAT_REF, _GPS_LAT, _GPS_LON_REF, _GPS_LON, _GPS_ALT_REF, _GPS_ALT = 1, 2, 3, 4, 5, 6
 _GPS_VERSION_ID = 0
@@ -78,7 +98,10 @@ class CameraMetadata:
         the flight yaw is the fallback for cameras fixed to the airframe.
         """
         yaw = self.gimbal_yaw_deg if self.gimbal_yaw_deg is not None else self.flight_yaw_deg
-        return None if yaw is None else yaw % 360.0
+        if yaw is None:
+            return None
+        heading = yaw % 360.0
+        return 0.0 if heading >= 360.0 else heading  # -1e-300 % 360 rounds to 360.0
 
     @property
     def pitch_from_nadir_deg(self) -> float | None:
@@ -109,17 +132,19 @@ def read_camera_metadata(path: str | Path) -> CameraMetadata:
     raw = _read_raw(p)
     if not any(_DJI_HINT in packet for packet in raw.xmp_packets):
         raw.xmp_packets.extend(_scan_file_for_xmp(p))
-    dji = _parse_dji_xmp(raw.xmp_packets)
+    dji = {k: v for k, v in _parse_dji_xmp(raw.xmp_packets).items() if _plausible(p, f"XMP {k}", k, v) is not None}
 
     lat, lon, alt = _gps_from_exif(raw.gps_ifd)
     if lat is None or lon is None:
         lat, lon = _valid_position(dji.get("GpsLatitude"),
                                    dji.get("GpsLongitude", dji.get("GpsLongtitude")))
+    alt = _plausible(p, "EXIF GPSAltitude", "AbsoluteAltitude", alt)
     if alt is None:
         alt = dji.get("AbsoluteAltitude")
 
-    focal = _positive(_exif_value(raw, _TAG_FOCAL_LENGTH))
-    focal_35 = _positive(_exif_value(raw, _TAG_FOCAL_LENGTH_35MM))
+    focal = _plausible(p, "EXIF FocalLength", "FocalLength", _positive(_exif_value(raw, _TAG_FOCAL_LENGTH)))
+    focal_35 = _plausible(p, "EXIF FocalLengthIn35mmFilm", "FocalLengthIn35mmFilm",
+                          _positive(_exif_value(raw, _TAG_FOCAL_LENGTH_35MM)))
     return CameraMetadata(
         gps_lat=lat,
         gps_lon=lon,
@@ -330,6 +355,17 @@ def _find_xmp_number(packet: str, prefix: str, name: str) -> float | None:
     element = re.search(rf"<{qname}(?:\s[^>]*)?>([^<]*)</{qname}\s*>", packet)
     if element:
         return _parse_number(element.group(1))
+    return None
+
+
+def _plausible(path: Path, label: str, field_name: str, value: float | None) -> float | None:
+    """``value``, or None (with one warning line) when it lies outside :data:`PLAUSIBLE`."""
+    if value is None or field_name not in PLAUSIBLE:  # positions are checked by _valid_position
+        return value
+    low, high = PLAUSIBLE[field_name]
+    if low <= value <= high:
+        return value
+    log.warning("warning: %s: %s %g is outside [%g, %g]; treated as unknown", path, label, value, low, high)
     return None
 
 

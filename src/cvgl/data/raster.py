@@ -20,11 +20,19 @@ Cutting a raster into tiles is :mod:`cvgl.data.tiling`; a folder of tile images 
   non-finite floats; nodata pixels are set to 0.
 * Every rasterio/GDAL failure is turned into a one-line :class:`~cvgl.errors.InputError` that names
   the file; no GDAL traceback reaches the user.
+* **Georeferencing sanity.** A CRS tag can lie: an orthophoto in local metres tagged WGS84 (the
+  OrthoLoC sample) has "latitudes" of -93..93 and 20 km "pixels", and tiling it would plan a
+  1 TiB grid. A raster is refused, with what is wrong, when its bounds are not degrees although
+  its CRS is geographic, when its centre lies outside its CRS's area of use (pyproj, widened by
+  :data:`AREA_OF_USE_MARGIN_DEG`), or when one pixel is not a plausible ground size
+  (:data:`MIN_GROUND_PIXEL_M`..:data:`MAX_GROUND_PIXEL_M`). ``crs=`` (``cvgl index --crs``)
+  replaces a wrong or missing CRS everywhere a raster is read; the index records it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import warnings
@@ -34,12 +42,15 @@ from typing import Iterator, Sequence, Union
 
 import numpy as np
 import rasterio
+from pyproj import CRS as ProjCRS
 from rasterio._err import CPLE_BaseError
+from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import CRSError, NotGeoreferencedWarning, RasterioError
 from rasterio.io import DatasetReader
 from rasterio.windows import Window
 
+from cvgl.budget import check_image
 from cvgl.errors import InputError
 from cvgl.geo import WGS84_GEOD, crs_key, to_latlon
 
@@ -70,6 +81,12 @@ _NOMINAL_SCALE_TOLERANCE = 0.01
 # Output tile sizes outside this range are almost certainly a unit mistake (cm vs m, px vs m).
 MIN_TILE_PX, MAX_TILE_PX = 8, 4096
 _EPS = 1e-9
+# Plausible ground size of one orthophoto pixel: from close-range drone mosaics (mm) to coarse
+# satellite products (1 km). Outside this, the CRS or the geotransform is wrong.
+MIN_GROUND_PIXEL_M, MAX_GROUND_PIXEL_M = 1e-3, 1000.0
+# A raster's centre may lie this far outside its CRS's published area of use (UTM zones are
+# routinely used a degree or two past their edges) before the CRS is called wrong.
+AREA_OF_USE_MARGIN_DEG = 2.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,21 +151,23 @@ class RasterGeometry:
     transform: rasterio.Affine = field(repr=False)
 
 
-def open_raster(path: PathLike) -> DatasetReader:
+def open_raster(path: PathLike, crs: str | None = None) -> DatasetReader:
     """Open ``path`` with rasterio after checking it can be tiled; the caller closes it.
 
     Checks, each failing with a one-line :class:`InputError` naming the file: it exists and is a
     file; GDAL can read it; it has a CRS and a non-identity, north-up geotransform; the CRS converts
     to lat/lon (projected, any linear unit, or geographic); the pixel type is one of
-    :data:`SUPPORTED_DTYPES`.
+    :data:`SUPPORTED_DTYPES`; its georeferencing is plausible (see the module docstring).
+    ``crs`` replaces the file's CRS (a wrong or missing tag).
     """
-    ds, _ = open_validated(path)
+    ds, _ = open_validated(path, crs)
     return ds
 
 
-def raster_info(path: PathLike) -> RasterInfo:
-    """Validate ``path`` and describe it: CRS, size, pixel size in metres, lat/lon bounds."""
-    ds, geom = open_validated(path)
+def raster_info(path: PathLike, crs: str | None = None) -> RasterInfo:
+    """Validate ``path`` and describe it: CRS, size, pixel size in metres, lat/lon bounds.
+    ``crs`` replaces the file's CRS (a wrong or missing tag)."""
+    ds, geom = open_validated(path, crs)
     with ds:
         b = ds.bounds
         south, west, north, east = _bounds_latlon(geom)
@@ -169,9 +188,19 @@ def raster_info(path: PathLike) -> RasterInfo:
         )
 
 
-def open_validated(path: PathLike) -> tuple[DatasetReader, RasterGeometry]:
+def parse_crs(text: str, what: str = "--crs") -> CRS:
+    """A CRS given by the user (``EPSG:25832``, a PROJ string or WKT), or a one-line InputError."""
+    try:  # pyproj first: it says what is wrong without GDAL printing its own error lines
+        return CRS.from_wkt(ProjCRS.from_user_input(text).to_wkt())
+    except Exception as exc:  # noqa: BLE001 - pyproj and rasterio raise CRSError, ValueError, TypeError
+        raise InputError(f"{what} '{str(text)[:80]}': not a CRS ({one_line(exc)}); give e.g. EPSG:32632") from None
+
+
+def open_validated(path: PathLike, crs: str | None = None) -> tuple[DatasetReader, RasterGeometry]:
+    """Open and validate ``path`` (see :func:`open_raster`); ``crs`` replaces the file's CRS."""
     name = str(path)
     p = Path(path)
+    override = None if crs is None else parse_crs(crs)
     if not p.exists():
         raise InputError(f"{name}: file not found; check the path")
     if p.is_dir():
@@ -188,7 +217,7 @@ def open_validated(path: PathLike) -> tuple[DatasetReader, RasterGeometry]:
             "GDAL-readable image"
         ) from None
     try:
-        geom = _validate(ds, name)
+        geom = _validate(ds, name, override)
     except CRSError as exc:
         ds.close()
         raise InputError(
@@ -201,13 +230,16 @@ def open_validated(path: PathLike) -> tuple[DatasetReader, RasterGeometry]:
     return ds, geom
 
 
-def _validate(ds: DatasetReader, name: str) -> RasterGeometry:
+def _validate(ds: DatasetReader, name: str, override: CRS | None = None) -> RasterGeometry:
     t = ds.transform
-    if ds.crs is None or t.is_identity:
+    crs = override if override is not None else ds.crs
+    if t.is_identity:
         raise InputError(
             f"{name}: not georeferenced (no CRS/geotransform); give a GeoTIFF with a CRS, "
             "or use a folder of tiles + CSV"
         )
+    if crs is None:
+        raise InputError(f"{name}: not georeferenced (a geotransform but no CRS); name its CRS with --crs EPSG:<code>")
     if abs(t.b) > _EPS * abs(t.a) or abs(t.d) > _EPS * abs(t.e):
         raise InputError(
             f"{name}: rotated or sheared geotransform is not supported; make it north-up first "
@@ -227,7 +259,7 @@ def _validate(ds: DatasetReader, name: str) -> RasterGeometry:
     if ds.count < 1:
         raise InputError(f"{name}: raster has no bands")
     try:
-        key = crs_key(ds.crs)
+        key = crs_key(crs)
     except Exception as exc:  # pyproj raises several types for exotic/local CRSs
         raise InputError(
             f"{name}: CRS cannot be interpreted ({one_line(exc)}); reproject to a UTM or "
@@ -239,11 +271,14 @@ def _validate(ds: DatasetReader, name: str) -> RasterGeometry:
         px_m_x=1.0,
         px_m_y=1.0,
         crs=key,
-        is_geographic=bool(ds.crs.is_geographic),
+        is_geographic=bool(crs.is_geographic),
         transform=t,
     )
+    if geom.is_geographic:
+        _check_degrees(ds, key, name)
     px_m_x, px_m_y = _ground_pixel_size(geom, name)
-    nominal = _nominal_pixel_size(ds, t)
+    _check_georeferencing(geom, px_m_x, px_m_y, name)
+    nominal = _nominal_pixel_size(crs, t)
     if nominal is not None and all(
         abs(g / n - 1.0) < _NOMINAL_SCALE_TOLERANCE for g, n in zip((px_m_x, px_m_y), nominal)
     ):
@@ -259,12 +294,62 @@ def _validate(ds: DatasetReader, name: str) -> RasterGeometry:
     )
 
 
-def _nominal_pixel_size(ds: DatasetReader, t: rasterio.Affine) -> tuple[float, float] | None:
+_CRS_ADVICE = "give the right CRS with --crs EPSG:<code> (or fix the file: gdal_edit.py -a_srs EPSG:<code>)"
+
+
+def _check_degrees(ds: DatasetReader, key: str, name: str) -> None:
+    """A geographic CRS must come with bounds that are longitudes and latitudes."""
+    b = ds.bounds
+    if not (-90.0 - _EPS <= b.bottom <= b.top <= 90.0 + _EPS and -180.0 - _EPS <= b.left <= b.right <= 360.0 + _EPS):
+        raise InputError(
+            f"{name}: its CRS {key} is in degrees but its bounds (x {b.left:.6g}..{b.right:.6g}, y {b.bottom:.6g}.."
+            f"{b.top:.6g}) are not longitudes/latitudes, so the coordinates are probably metres; {_CRS_ADVICE}"
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def _area_of_use(key: str) -> tuple[str, float, float, float, float] | None:
+    try:
+        area = ProjCRS.from_user_input(key).area_of_use
+    except Exception:  # noqa: BLE001 - a CRS pyproj cannot describe has no area to check against
+        return None
+    return None if area is None else (area.name, area.west, area.south, area.east, area.north)
+
+
+def _check_georeferencing(geom: RasterGeometry, px_m_x: float, px_m_y: float, name: str) -> None:
+    """Refuse a raster whose centre lies outside its CRS's area of use or whose pixels are not a
+    plausible ground size: either means the CRS (or the geotransform) is wrong."""
+    if not (MIN_GROUND_PIXEL_M <= min(px_m_x, px_m_y) and max(px_m_x, px_m_y) <= MAX_GROUND_PIXEL_M):
+        raise InputError(
+            f"{name}: one pixel is {px_m_x:.3g} x {px_m_y:.3g} m on the ground in its CRS {geom.crs}, not a plausible "
+            f"orthophoto resolution ({MIN_GROUND_PIXEL_M:g}-{MAX_GROUND_PIXEL_M:g} m); the CRS or the geotransform "
+            f"is probably wrong; {_CRS_ADVICE}"
+        )
+    area = _area_of_use(geom.crs)
+    if area is None:
+        return
+    label, west, south, east, north = area
+    label = label.split(":")[0].strip().rstrip(".")[:60]
+    lat, lon = pixel_to_latlon(geom, np.array([geom.width / 2.0]), np.array([geom.height / 2.0]))
+    lat, lon, m = float(lat[0]), float(lon[0]), AREA_OF_USE_MARGIN_DEG
+    in_lat = south - m <= lat <= north + m
+    if west <= east:
+        in_lon = west - m <= lon <= east + m or east - west >= 360.0 - 2 * m
+    else:  # the area crosses the antimeridian
+        in_lon = lon >= west - m or lon <= east + m
+    if not (in_lat and in_lon):
+        raise InputError(
+            f"{name}: its centre ({lat:.4f}, {lon:.4f}) lies outside the area where its CRS {geom.crs} is valid "
+            f"({label}: lon {west:g}..{east:g}, lat {south:g}..{north:g}), so the CRS is probably wrong; {_CRS_ADVICE}"
+        )
+
+
+def _nominal_pixel_size(crs: CRS, t: rasterio.Affine) -> tuple[float, float] | None:
     """Pixel size in the projected CRS's own linear unit converted to metres (None if geographic)."""
-    if ds.crs.is_geographic:
+    if crs.is_geographic:
         return None
     try:
-        _, factor = ds.crs.linear_units_factor
+        _, factor = crs.linear_units_factor
     except Exception:  # rasterio raises CRSError for CRSs without a linear unit
         return None
     return abs(t.a) * float(factor), abs(t.e) * float(factor)
@@ -459,6 +544,7 @@ def compute_stretch(
     bands: Sequence[int] | None = None,
     percentiles: tuple[float, float] | None = (2.0, 98.0),
     stretch_uint8: bool = False,
+    crs: str | None = None,
 ) -> BandStretch:
     """The raster-wide uint8 mapping used for every tile and region of ``path``.
 
@@ -468,7 +554,7 @@ def compute_stretch(
     ``stretch_uint8`` is true; ``percentiles=None`` maps the valid min → 0 and max → 255.
     """
     pct = None if percentiles is None else check_percentiles(percentiles)
-    ds, _ = open_validated(path)
+    ds, _ = open_validated(path, crs)
     with ds:
         chosen = resolve_bands(ds, bands, str(path))
         return cached_stretch(ds, path, chosen, pct, stretch_uint8)
@@ -532,6 +618,7 @@ def read_region(
     bands: Sequence[int] | None = None,
     stretch: tuple[float, float] | BandStretch | None = (2.0, 98.0),
     stretch_uint8: bool = False,
+    crs: str | None = None,
 ) -> np.ndarray:
     """An ``H×W×3`` uint8 crop of the square ground region ``size_m`` wide centred on (x, y).
 
@@ -540,13 +627,14 @@ def read_region(
     side (native resolution if ``gsd_m`` is None). ``stretch`` is percentiles evaluated over the
     whole raster, exactly as for tiles, or a ready :class:`BandStretch` (e.g. to give crops of a
     second orthophoto the scale of the first). Raises :class:`InputError` if the region is not
-    entirely inside the raster; nodata pixels inside it are 0.
+    entirely inside the raster; nodata pixels inside it are 0. ``crs`` replaces the file's CRS
+    (then ``center_x``/``center_y`` are in that CRS).
     """
     name = str(path)
     check_positive("size_m", size_m)
     if gsd_m is not None:
         check_positive("gsd_m", gsd_m)
-    ds, geom = open_validated(path)
+    ds, geom = open_validated(path, crs)
     with ds:
         chosen = resolve_bands(ds, bands, name)
         gsd = gsd_m if gsd_m is not None else min(geom.px_m_x, geom.px_m_y)
@@ -556,6 +644,10 @@ def read_region(
                 f"{name}: region of {size_m:g} m at {gsd:.3g} m/px would be {out_px} px; "
                 "choose size_m and gsd_m for 1–16384 px"
             )
+        # Read bands (native depth), their float32 stretch, the uint8 result and the mask.
+        check_image(f"{name}: a {size_m:g} m region at {gsd:.3g} m/px", out_px, out_px,
+                    channels=len(set(chosen)) * np.dtype(ds.dtypes[0]).itemsize + 3 * 4 + 3 + 1,
+                    advice="ask for a smaller region or a coarser gsd_m")
         inv = ~geom.transform
         ccol, crow = inv @ (float(center_x), float(center_y))
         w_px, h_px = size_m / geom.px_m_x, size_m / geom.px_m_y
@@ -594,6 +686,7 @@ def raster_overview(
     bands: Sequence[int] | None = None,
     stretch: tuple[float, float] | None = (2.0, 98.0),
     stretch_uint8: bool = False,
+    crs: str | None = None,
 ) -> tuple[np.ndarray, tuple[float, float, float, float]]:
     """A small north-up RGB preview of the whole raster and its ``(south, west, north, east)``.
 
@@ -606,7 +699,7 @@ def raster_overview(
     name = str(path)
     if int(max_side) < 1:
         raise InputError(f"overview: max_side must be a positive number of pixels (got {max_side})")
-    ds, geom = open_validated(path)
+    ds, geom = open_validated(path, crs)
     with ds:
         chosen = resolve_bands(ds, bands, name)
         pct = None if stretch is None else check_percentiles(stretch)

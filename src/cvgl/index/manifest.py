@@ -13,9 +13,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from cvgl.errors import IndexFormatError
+from cvgl.errors import IndexFormatError, InputError
 from cvgl.geo import tile_half_diagonal_m
 from cvgl.models.identity import EncoderIdentity
+from cvgl.models.weights import check_input_size
 from cvgl.typed import from_dict
 
 FORMAT_VERSION = 1
@@ -42,6 +43,7 @@ class TilingInfo:
     stride_m: float
     gsd_m: float | None = None
     bands: tuple[int, ...] | None = None
+    crs: str | None = None  # the CRS given with ``cvgl index --crs`` (None: the raster's own)
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,10 @@ class IndexManifest:
         if data.get("index_type") == "flat-ip":  # format-1 indexes written before backends existed
             data["index_type"] = "flat"
             data.setdefault("backend", {"type": "flat"})
-        manifest = from_dict(cls, data, where, IndexFormatError)
+        try:
+            manifest = from_dict(cls, data, where, IndexFormatError)
+        except IndexFormatError as exc:  # a typed field of the wrong kind: say what to do too
+            raise IndexFormatError(f"{exc}; rebuild the index" if "rebuild" not in str(exc) else str(exc)) from None
         manifest.validate(where)
         return manifest
 
@@ -101,6 +106,10 @@ class IndexManifest:
 
         if self.count < 1 or self.dim < 1:
             raise bad(f"count {self.count} and dim {self.dim} must be positive")
+        try:  # a size no encoder can run at (or only with more memory than the budget)
+            check_input_size(self.encoder.input_size, self.encoder.arch, "encoder input_size")
+        except InputError as exc:
+            raise bad(str(exc)) from None
         if self.tile_m is not None and not (math.isfinite(self.tile_m) and self.tile_m > 0):
             raise bad(f"tile_m {self.tile_m} is not a positive size in metres")
         if self.source is not None and self.source.kind not in SOURCE_KINDS:

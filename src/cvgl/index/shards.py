@@ -130,7 +130,7 @@ def plan_source(
         cells = kept_cells(source, spec)  # nodata masks only: no pixels, no stretch
         if not cells:
             raise InputError(f"{source}: no usable tiles (all empty or nodata); check the raster, bands and tiling")
-        crs = raster_info(source).crs
+        crs = raster_info(source, spec.crs).crs
         tiles = pd.DataFrame(
             {
                 "tile_id": [c.tile_id for c in cells],

@@ -33,6 +33,7 @@ import pandas as pd
 from PIL import Image
 
 from cvgl.alignment import Alignment
+from cvgl.budget import available_ram_bytes
 from cvgl.data.tiling import TileSource, TilingSpec
 from cvgl.errors import IndexFormatError, IndexMismatchError, InputError
 from cvgl.geo import geodesic_distance_m
@@ -169,7 +170,7 @@ class ReferenceIndex:
         if source is None or not source.path:
             raise InputError(f"{self.path}: the index does not record where its tiles came from; rebuild it to see tiles")
         tiling = self.manifest.tiling
-        spec = None if tiling is None else TilingSpec(tiling.tile_m, tiling.stride_m, tiling.gsd_m, tiling.bands)
+        spec = None if tiling is None else TilingSpec(tiling.tile_m, tiling.stride_m, tiling.gsd_m, tiling.bands, crs=tiling.crs)
         return TileSource(source.path, source.kind, spec)
 
     def tile_image(self, row: int) -> np.ndarray:
@@ -300,14 +301,54 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
 
 
 def _available_ram() -> int:
-    """Bytes of RAM available now (MemAvailable), or total physical RAM where /proc is absent."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """Bytes of RAM available now (:func:`cvgl.budget.available_ram_bytes`)."""
+    return available_ram_bytes()
+
+
+#: Rows of raw.npy checked for NaN/inf when it is memory-mapped (all rows when it is read).
+MMAP_FINITE_SAMPLE = 4096
+_FINITE_CHUNK = 65536
+
+
+def validate_vectors(raw: np.ndarray, manifest: IndexManifest, where: Path) -> None:
+    """raw.npy must be ``[count, dim]`` float32 of finite numbers (a NaN row scores NaN against
+    every query and poisons the ranking). A memory-mapped file is sampled, not read whole."""
+    if raw.ndim != 2 or raw.shape[1] != manifest.dim or raw.dtype != np.float32:
+        raise IndexFormatError(f"{where}: holds a {raw.dtype} array of shape {list(raw.shape)} but the manifest says "
+                               f"[{manifest.count}, {manifest.dim}] float32; rebuild the index")
+    rows = np.arange(len(raw))
+    if isinstance(raw, np.memmap) and len(raw) > MMAP_FINITE_SAMPLE:
+        rows = np.unique(np.linspace(0, len(raw) - 1, MMAP_FINITE_SAMPLE).astype(np.int64))
+    bad = 0
+    for start in range(0, len(rows), _FINITE_CHUNK):
+        block = raw[rows[start : start + _FINITE_CHUNK]]
+        bad += int((~np.isfinite(block).all(axis=1)).sum())
+    if bad:
+        checked = "" if len(rows) == len(raw) else f" of {len(rows)} sampled"
+        raise IndexFormatError(f"{where}: {bad}{checked} descriptor rows hold NaN or infinity; rebuild the index")
+
+
+def validate_tiles(tiles: pd.DataFrame, manifest: IndexManifest, where: Path) -> None:
+    """tiles.parquet must name every tile and place it: ``tile_id``, finite ``lat``/``lon`` in
+    range, and (GeoTIFF sources) finite ``x``/``y`` to re-read its pixels."""
+    needed = ["tile_id", "lat", "lon"]
+    source = manifest.source
+    if source is not None and source.kind == "geotiff":
+        needed += ["x", "y"]
+    missing = [c for c in needed if c not in tiles.columns]
+    if missing:
+        raise IndexFormatError(f"{where}: no '{missing[0]}' column (columns: {', '.join(map(str, tiles.columns))}); rebuild the index")
+    for column in needed[1:]:
+        values = pd.to_numeric(tiles[column], errors="coerce").to_numpy(np.float64)
+        bad = ~np.isfinite(values)
+        if column == "lat":
+            bad |= np.abs(values) > 90
+        elif column == "lon":
+            bad |= np.abs(values) > 180
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise IndexFormatError(f"{where}: {int(bad.sum())} tiles have no valid '{column}' (first: row {row}, "
+                                   f"{tiles[column].iloc[row]!r}); rebuild the index")
 
 
 def should_mmap(path: Path) -> bool:
@@ -348,6 +389,12 @@ def open_index(path: Path, encoder_identity: EncoderIdentity | None = None, mmap
         except Exception as exc:  # noqa: BLE001 - any reader failure means a corrupt file
             raise IndexFormatError(f"{path / name}: corrupt ({type(exc).__name__}); rebuild the index") from None
     raw, alignment = parts["raw.npy"], parts["alignment.npz"]
+    validate_vectors(raw, manifest, path / "raw.npy")
+    shapes = [np.shape(a) for a in (alignment.query_mean, alignment.reference_mean, alignment.query_matrix, alignment.reference_matrix)]
+    if any(shape[-1:] != (manifest.dim,) for shape in shapes) or any(shape[:1] != (manifest.dim,) for shape in shapes[2:]):
+        raise IndexFormatError(f"{path / 'alignment.npz'}: arrays of shapes {[list(s) for s in shapes]} do not fit "
+                               f"{manifest.dim}-d descriptors; rebuild the index")
+    validate_tiles(parts["tiles.parquet"], manifest, path / "tiles.parquet")
 
     def vectors(rows: np.ndarray) -> np.ndarray:
         return alignment.apply(raw[rows], "reference")
@@ -360,7 +407,8 @@ def open_index(path: Path, encoder_identity: EncoderIdentity | None = None, mmap
     index = ReferenceIndex(path=path, manifest=manifest, tiles=parts["tiles.parquet"], raw=raw,
                            alignment=alignment, backend=backend)
     if not (len(index.tiles) == len(index.raw) == len(backend) == manifest.count):
-        raise IndexFormatError(f"{path}: tiles, vectors and manifest disagree on the count; rebuild the index")
+        raise IndexFormatError(f"{path / MANIFEST}: says {manifest.count} tiles but tiles.parquet has {len(index.tiles)}, "
+                               f"raw.npy {len(index.raw)} and the vector index {len(backend)}; rebuild the index")
     if encoder_identity is not None:
         index.check_encoder(encoder_identity)
     return index

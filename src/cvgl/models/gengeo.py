@@ -113,9 +113,19 @@ def load_trained(path: str | Path) -> tuple[GeoModel, str, str]:
         name = meta.get("name", "gengeo")
     except Exception as exc:  # noqa: BLE001
         raise WeightsError(f"{path}: not a readable cvgl trained model ({type(exc).__name__}: {exc})") from None
-    backbone = build_backbone(arch)
-    heads = ViewHeads.build(head_spec(config), backbone.embed_dim)
-    model = GeoModel(backbone, heads, arch, config)
+    try:
+        backbone = build_backbone(arch)
+        heads = ViewHeads.build(head_spec(config), backbone.embed_dim)
+        model = GeoModel(backbone, heads, arch, config)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise WeightsError(f"{path}: its metadata describes a model that cannot be built ({type(exc).__name__}: "
+                           f"{' '.join(str(exc).split())[:120]})") from None
+    # Shapes first: load_state_dict reports a wrong shape as a multi-line RuntimeError.
+    expected = model.state_dict()
+    for key, tensor in state.items():
+        if key in expected and tuple(expected[key].shape) != tuple(tensor.shape):
+            raise WeightsError(f"{path}: tensor '{key}' has shape {list(tensor.shape)} but the model needs "
+                               f"{list(expected[key].shape)}; the file is damaged or was edited")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise WeightsError(f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")

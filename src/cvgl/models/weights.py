@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cvgl.errors import WeightsError
+from cvgl.budget import check_allocation
+from cvgl.errors import InputError, WeightsError
 from cvgl.io import write_bytes_atomic
-from cvgl.models.backbone import build_backbone
+from cvgl.models.backbone import PATCH, DinoV2, arch_kwargs, build_backbone
 
 EMBEDDED = "embedded"
 EMBEDDED_FILE = "dinov2_vits14_imgfocus.safetensors"
@@ -79,12 +80,68 @@ class WeightsSource:
 
 @dataclass(frozen=True)
 class PretrainedCfg:
-    """What an encoder is run with besides its head: weights, input size and normalisation."""
+    """What an encoder is run with besides its head: weights, input size and normalisation.
+
+    The input size is checked when the config is made (before any weights load): positive
+    multiples of 14, and one image's forward pass within the memory budget
+    (:func:`check_input_size`)."""
 
     weights: WeightsSource
     input_size: tuple[int, int] = (224, 224)  # (height, width), multiples of 14
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        check_input_size(self.input_size, arch_of(self.weights))
+
+
+#: The architecture assumed for a forward-pass estimate when the weights do not say (a file, a
+#: trained export): ViT-L, so the estimate errs on the safe side for S and B.
+CONSERVATIVE_ARCH = "dinov2_vitl14"
+EMBEDDED_ARCH = "dinov2_vits14"
+
+
+def arch_of(source: WeightsSource) -> str | None:
+    """The architecture a source names without loading it (hub/random: given; embedded: ViT-S)."""
+    if source.kind in ("hub", "random"):
+        return source.value
+    return EMBEDDED_ARCH if source.kind == "embedded" else None
+
+
+def forward_bytes(input_size: tuple[int, int], arch: str | None = None, batch: int = 1) -> float:
+    """Peak memory of one forward pass of ``batch`` images at ``input_size`` (an estimate, on the
+    safe side): the attention weights of one block (heads x tokens^2 floats: the CPU kernels
+    materialise them), about 32 token-sized activations (qkv, MLP, kept layers) and the input.
+    Measured for ViT-S/14 on this project's 2-core CPU machine: one 1792 px image peaks at about
+    5.9 GB above the loaded model (estimate 6.8 GiB) and takes minutes."""
+    height, width = (float(v) for v in input_size)
+    try:
+        kwargs = arch_kwargs(arch or CONSERVATIVE_ARCH)
+    except WeightsError:
+        kwargs = arch_kwargs(CONSERVATIVE_ARCH)
+    tokens = (height / PATCH) * (width / PATCH) + 5  # + class and register tokens
+    heads, dim = float(kwargs["num_heads"]), float(kwargs["embed_dim"])
+    per_image = 4.0 * (heads * tokens**2 + 32.0 * tokens * dim) + height * width * (3 * 4 + 3)
+    return float(batch) * per_image
+
+
+def check_input_size(size: tuple[int, int], arch: str | None = None, where: str = "input size", batch: int = 1) -> None:
+    """Refuse an input size that is not two positive multiples of 14, or whose forward pass
+    (``batch`` images) would exceed the memory budget. Raises :class:`cvgl.errors.InputError`."""
+    try:
+        height, width = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise InputError(f"{where} {size!r}: expected two whole numbers (height, width)") from None
+    if height <= 0 or width <= 0 or height % PATCH or width % PATCH:
+        raise InputError(f"{where} {height}x{width}: sizes must be positive multiples of {PATCH}")
+    tokens = (height // PATCH) * (width // PATCH)
+    images = f"{batch} images" if batch > 1 else "one image"
+    check_allocation(
+        f"{where} {height}x{width} ({tokens} patches): {images} through {arch or 'the ViT'}",
+        forward_bytes((height, width), arch, batch),
+        "use a smaller --input-size (224 is the default; DINOv2 was trained up to 518)"
+        + (" or a smaller --batch-size" if batch > 1 else ""),
+    )
 
 
 @dataclass(frozen=True)
@@ -141,7 +198,28 @@ def load_weights(source: str | WeightsSource) -> LoadedWeights:
 
 def _finish(state: dict[str, torch.Tensor], source: str) -> LoadedWeights:
     timm_state = to_timm_layout(state, source)
-    return LoadedWeights(timm_state, infer_arch(timm_state), source, state_dict_sha256(timm_state))
+    arch = infer_arch(timm_state, source)
+    check_shapes(timm_state, arch, source)
+    return LoadedWeights(timm_state, arch, source, state_dict_sha256(timm_state))
+
+
+def check_shapes(state: dict[str, torch.Tensor], arch: str, source: str = "weights") -> None:
+    """Refuse a state dict with a tensor of the wrong shape for ``arch`` (one line naming it),
+    before ``load_state_dict`` fails with a multi-line traceback. The position embedding may
+    differ in its grid (a checkpoint trained at another size keeps its native grid)."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in DinoV2(**arch_kwargs(arch)).state_dict().items()}
+    for name, tensor in state.items():
+        want, got = expected.get(name), tuple(tensor.shape)
+        if want is None or want == got:
+            continue  # unexpected keys are reported by build_backbone
+        if name == "pos_embed" and len(got) == 3 and got[0] == 1 and got[2] == want[2]:
+            prefix = want[1] - (arch_kwargs(arch).get("img_size", 518) // PATCH) ** 2
+            side = round(max(got[1] - prefix, 0) ** 0.5)
+            if side > 0 and side * side == got[1] - prefix:
+                continue
+        raise WeightsError(f"{source}: tensor '{name}' has shape {list(got)} but {arch} needs {list(want)}; "
+                           "the file is damaged or of another architecture")
 
 
 def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -310,12 +388,14 @@ def _meta_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def infer_arch(state: dict[str, torch.Tensor]) -> str:
+def infer_arch(state: dict[str, torch.Tensor], source: str = "weights") -> str:
     """Name the architecture from tensor shapes (width, depth, registers)."""
-    width = state["patch_embed.proj.weight"].shape[0]
+    patch = state["patch_embed.proj.weight"]
+    width = patch.shape[0] if patch.dim() == 4 else None
     sizes = {384: "s", 768: "b", 1024: "l", 1536: "g"}
     if width not in sizes:
-        raise WeightsError(f"unsupported DINOv2 width {width}; expected one of {sorted(sizes)}")
+        raise WeightsError(f"{source}: unsupported DINOv2 width {width} (patch embedding {list(patch.shape)}); "
+                           f"expected one of {sorted(sizes)}")
     reg = "_reg4" if "reg_token" in state else ""
     return f"dinov2_vit{sizes[width]}14{reg}"
 

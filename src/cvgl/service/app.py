@@ -22,8 +22,14 @@ with one line saying so, never grey pixels.
 Why it is built this way:
 
 * Uploads are read into memory with a hard cap (413 past it; a declared ``Content-Length`` over
-  the cap is refused before any byte is read), typed by their magic bytes (415 unless JPEG, PNG,
-  TIFF or WebP) and decoded by :mod:`cvgl.data.images` (422 with its one-line message when not).
+  the cap is refused before any byte is read) and a time limit (408 when no byte comes for
+  ``upload_idle_s`` or the body is not complete after ``upload_deadline_s``: a slow client never
+  holds a worker for ever); a client that disconnects mid-upload ends the request quietly (no
+  traceback in the log). Uploads are typed by their magic bytes (415 unless one of
+  :data:`cvgl.data.images.PHOTO_FORMATS`: JPEG, PNG, TIFF, WebP) and decoded by
+  :func:`cvgl.data.images.load_photo`, the photo rules ``cvgl locate`` applies too (422 with its
+  one-line message: an animated PNG or WebP is refused by both, a GIF by both). Form values are
+  parsed strictly (``top_k=²`` is a 422, not a 500).
 * The client's file name is only ever reduced to a display basename (:func:`safe_name`). The
   locate pipeline reads photos from paths (pixels *and* EXIF/XMP), so the bytes go to a
   ``tempfile`` whose name the server picks, and every answer or error names the basename only.
@@ -36,6 +42,7 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import io
 import math
@@ -55,6 +62,7 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from cvgl.data.views import VIEWS
 from cvgl.errors import CvglError
@@ -80,6 +88,9 @@ IMAGE_MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"MM\x00*", ".tif"),
 )
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and the small form fields
+UPLOAD_IDLE_S = 20.0  # longest wait for the next chunk of an upload
+UPLOAD_DEADLINE_S = 120.0  # longest whole upload: 25 MB in 120 s is 1.7 Mbit/s
+_WHOLE_NUMBER = re.compile(r"[0-9]{1,7}")  # ASCII digits only: str.isdigit() accepts '²', which int() refuses
 MAX_TOP_K = 1000
 MAX_HEATMAP = 100_000
 TILE_CACHE = 256  # encoded tiles kept in memory (the page asks for the same few again)
@@ -222,13 +233,31 @@ class ServiceState:
         return float(lat.min() - dlat), float(lon.min() - dlon), float(lat.max() + dlat), float(lon.max() + dlon)
 
 
-async def _read_capped(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) anything over ``limit`` bytes before reading it all."""
+async def _read_capped(request: Request, limit: int, idle_s: float = UPLOAD_IDLE_S,
+                       deadline_s: float = UPLOAD_DEADLINE_S) -> bytes:
+    """The request body, refusing (413) anything over ``limit`` bytes before reading it all, and
+    (408) an upload that stalls for ``idle_s`` or is not complete after ``deadline_s``. A client
+    that disconnects mid-upload is a 400 that nobody receives, logged as nothing."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and _WHOLE_NUMBER.fullmatch(declared) and int(declared) > limit:
         raise HTTPException(413, f"upload is {int(declared) / 1e6:.1f} MB, over the {limit / 1e6:.0f} MB limit")
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    stream = request.stream().__aiter__()
     chunks, size = [], 0
-    async for chunk in request.stream():
+    while True:
+        remaining = end - loop.time()
+        try:
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            chunk = await asyncio.wait_for(stream.__anext__(), timeout=min(idle_s, remaining))
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise HTTPException(408, f"upload too slow: {size / 1e6:.1f} MB received; it must not pause for "
+                                     f"{idle_s:g} s nor take more than {deadline_s:g} s") from None
+        except ClientDisconnect:
+            raise HTTPException(400, "the client disconnected during the upload") from None
         size += len(chunk)
         if size > limit:
             raise HTTPException(413, f"upload is over the {limit / 1e6:.0f} MB limit")
@@ -251,21 +280,24 @@ def _options(form: dict[str, str], base: LocateOptions) -> LocateOptions:
         try:
             value = float(text)
         except ValueError:
-            raise HTTPException(422, f"{key}: '{text[:40]}' is not a number") from None
+            raise HTTPException(422, f"{key}: {text[:40]!r} is not a number") from None
         if not (math.isfinite(value) and low <= value <= high):
             raise HTTPException(422, f"{key}: {value:g} is outside [{low:g}, {high:g}]")
         query_changes[attr] = value
     top_k = form.get("top_k", "").strip()
     if top_k:
-        if not top_k.isdigit() or not 1 <= int(top_k) <= MAX_TOP_K:
-            raise HTTPException(422, f"top_k: '{top_k[:40]}' is not a whole number in [1, {MAX_TOP_K}]")
+        if not _WHOLE_NUMBER.fullmatch(top_k) or not 1 <= int(top_k) <= MAX_TOP_K:
+            raise HTTPException(422, f"top_k: {top_k[:40]!r} is not a whole number in [1, {MAX_TOP_K}]")
         changes["top_k"] = int(top_k)
     view = form.get("view", "").strip()
     if view:
         if view not in VIEWS:
-            raise HTTPException(422, f"view: '{view[:40]}' is not one of {', '.join(VIEWS)}")
+            raise HTTPException(422, f"view: {view[:40]!r} is not one of {', '.join(VIEWS)}")
         query_changes["view"] = view
-    return replace(base, query=replace(base.query, **query_changes), **changes)
+    try:  # QueryOptions checks the combination (and anything a field above lets through)
+        return replace(base, query=replace(base.query, **query_changes), **changes)
+    except (CvglError, ValueError) as exc:
+        raise HTTPException(422, str(exc)) from None
 
 
 def _heatmap(rows: np.ndarray, scores: np.ndarray, index: ReferenceIndex) -> list[dict]:
@@ -278,14 +310,19 @@ def create_app(
     encoder: Encoder,
     max_upload_mb: float = 25.0,
     options: LocateOptions | None = None,
+    upload_idle_s: float = UPLOAD_IDLE_S,
+    upload_deadline_s: float = UPLOAD_DEADLINE_S,
 ) -> FastAPI:
     """The service for one opened index and the encoder it was built with.
 
     ``options`` are the server's locate defaults (as ``cvgl locate``'s flags would set them);
-    each request may override heading, pitch, altitude, hfov, top_k and view.
+    each request may override heading, pitch, altitude, hfov, top_k and view. An upload may
+    pause ``upload_idle_s`` at most and take ``upload_deadline_s`` in all (408 past either).
     """
     if not max_upload_mb > 0:
         raise ValueError(f"max_upload_mb must be positive, got {max_upload_mb}")
+    if not (upload_idle_s > 0 and upload_deadline_s > 0):
+        raise ValueError(f"upload time limits must be positive, got {upload_idle_s}, {upload_deadline_s}")
     index.check_encoder(encoder.identity)
     state = ServiceState(index, encoder, int(max_upload_mb * 1024 * 1024), options or LocateOptions())
     preset = encoder.identity.preset
@@ -342,7 +379,7 @@ def create_app(
             raise HTTPException(422, f"heatmap: {heatmap} is outside [0, {MAX_HEATMAP}]")
         if "multipart/form-data" not in request.headers.get("content-type", ""):
             raise HTTPException(415, "send the photo as multipart/form-data with a field named 'image'")
-        body = await _read_capped(request, state.max_upload_bytes + MULTIPART_OVERHEAD)
+        body = await _read_capped(request, state.max_upload_bytes + MULTIPART_OVERHEAD, upload_idle_s, upload_deadline_s)
         parser = MultiPartParser(request.headers, _once(body), max_files=1, max_fields=16)
         parser.spool_max_size = len(body) + 1  # keep the upload in memory, never on disk
         try:

@@ -8,6 +8,9 @@ gives one (AdamW 1e-4, cosine, M=64, l=128, 1024-d, last 4 blocks, k=64 of K=128
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,7 +118,62 @@ def validate(config: TrainConfig, where: str) -> TrainConfig:
         raise InputError(f"{where}: optim.epochs must be >= 1 and optim.batch_size >= 2 (InfoNCE needs negatives)")
     if not 0 < config.sampling.dss_k <= config.sampling.dss_K:
         raise InputError(f"{where}: sampling.dss_k must be in (0, dss_K]")
+    positive = {
+        "optim.learning_rate": config.optim.learning_rate, "optim.temperature": config.optim.temperature,
+        "eval.every_epochs": config.eval.every_epochs, "log_every_steps": config.log_every_steps,
+        "sampling.dss_every": config.sampling.dss_every, "sampling.gps_neighbours": config.sampling.gps_neighbours + 1,
+        "data.train_pairs": config.data.train_pairs, "data.test_pairs": config.data.test_pairs,
+    }
+    if config.threads is not None:
+        positive["threads"] = config.threads
+    if config.checkpoint_every_steps is not None:
+        positive["checkpoint_every_steps"] = config.checkpoint_every_steps
+    if config.optim.grad_clip is not None:
+        positive["optim.grad_clip"] = config.optim.grad_clip
+    for dotted, value in positive.items():
+        if not value > 0:
+            shown = value - 1 if dotted == "sampling.gps_neighbours" else value
+            raise InputError(f"{where}: {dotted} is {shown}; it must be {'at least 0' if dotted == 'sampling.gps_neighbours' else 'positive'}")
+    for dotted, value, low, high in (
+        ("optim.weight_decay", config.optim.weight_decay, 0.0, 10.0), ("optim.label_smoothing", config.optim.label_smoothing, 0.0, 1.0),
+        ("optim.min_lr_ratio", config.optim.min_lr_ratio, 0.0, 1.0), ("optim.warmup_epochs", config.optim.warmup_epochs, 0.0, float(config.optim.epochs)),
+        ("optim.head_lr_scale", config.optim.head_lr_scale, 0.0, 1e6), ("data.num_workers", config.data.num_workers, 0, 256),
+    ):
+        if not low <= value <= high:
+            raise InputError(f"{where}: {dotted} is {value}; it must be in [{low:g}, {high:g}]")
+    model = config.model
+    for dotted, value in (("model.num_clusters", model.num_clusters), ("model.cluster_dim", model.cluster_dim),
+                          ("model.token_dim", model.token_dim), ("model.out_dim", model.out_dim or 1), ("model.last_n", model.last_n + 1)):
+        if value < 1:
+            raise InputError(f"{where}: {dotted} must be {'at least 0' if dotted == 'model.last_n' else 'positive'}")
+    if not 0.0 <= model.dropout < 1.0:
+        raise InputError(f"{where}: model.dropout is {model.dropout}; it must be in [0, 1)")
+    for name in ("train_x_range", "test_x_range"):
+        low, high = getattr(config.data, name)
+        if not 0.0 <= low < high <= 1.0:
+            raise InputError(f"{where}: data.{name} {[low, high]} must be 0 <= low < high <= 1 (fractions of the scene's width)")
+    _check_loader_options(config.data, where)
     return config
+
+
+def _check_loader_options(data: DataConfig, where: str) -> None:
+    """``data.options`` are keywords of the dataset loader: an unknown one stops here, not after
+    the model is built (a TypeError traceback from deep inside the data pipeline)."""
+    if not data.options:
+        return
+    from cvgl.data import datasets
+
+    loaders = {"cvusa": datasets.load_cvusa, "cvact": datasets.load_cvact, "vigor": datasets.load_vigor,
+               "university1652": datasets.load_university1652, "pairs-csv": datasets.load_pairs_csv}
+    loader = loaders.get(data.kind)
+    allowed = [] if loader is None else [
+        name for name, p in inspect.signature(loader).parameters.items()
+        if name not in ("root", "path", "split") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    unknown = sorted(set(data.options) - set(allowed))
+    if unknown:
+        known = ", ".join(allowed) if allowed else f"none: data.kind {data.kind} takes no options"
+        raise InputError(f"{where}: data.options has unknown key '{unknown[0]}' for data.kind {data.kind} (known: {known})")
 
 
 def load_config(path: Path, overrides: list[str] | None = None) -> TrainConfig:
@@ -127,16 +185,47 @@ def load_config(path: Path, overrides: list[str] | None = None) -> TrainConfig:
         raise InputError(f"{path}: cannot read the config ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
         raise InputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: the config is a YAML {type(data).__name__}, not a mapping of sections")
     for item in overrides or []:
-        if "=" not in item:
-            raise InputError(f"override '{item}' is not section.key=value")
-        dotted, text = item.split("=", 1)
-        node = data
-        parts = dotted.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(text)
+        apply_override(data, item)
     return validate(from_dict(TrainConfig, data, str(path)), str(path))
+
+
+def apply_override(data: dict, item: str) -> None:
+    """One ``--set section.key=value`` (the value in YAML) applied to the raw config mapping.
+
+    Every part of the key must name a field of the config (``optim.lr`` is refused with the known
+    keys, not added and then reported against the file), and the value must be valid YAML."""
+    dotted, sep, text = item.partition("=")
+    parts = dotted.strip().split(".")
+    if not sep or not all(parts):
+        raise InputError(f"--set '{item}': expected section.key=value, e.g. optim.epochs=10")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InputError(f"--set '{item}': the value is not valid YAML ({str(exc).splitlines()[0]})") from None
+    record: type | None = TrainConfig
+    node = data
+    for depth, part in enumerate(parts):
+        names = {f.name: f for f in dataclasses.fields(record)} if record is not None else {}
+        if record is not None and part not in names:
+            where = ".".join(parts[:depth]) or "the config"
+            raise InputError(f"--set '{item}': {where} has no key '{part}' (known: {', '.join(sorted(names))})")
+        if depth == len(parts) - 1:
+            node[part] = value
+            return
+        hint = typing.get_type_hints(record).get(part) if record is not None else None
+        if hint is dict or typing.get_origin(hint) is dict:  # a free mapping (data.options): keys checked later
+            hint = None
+        elif record is None or not dataclasses.is_dataclass(hint):
+            raise InputError(f"--set '{item}': {'.'.join(parts[: depth + 1])} is a value, not a section with keys")
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise InputError(f"--set '{item}': {'.'.join(parts[: depth + 1])} is not a section in the config file")
+        node, record = child, hint
 
 
 def save_config(config: TrainConfig, path: Path) -> Path:
