@@ -93,6 +93,22 @@ class PreparedQuery:
     pitch_deg: float
     altitude_m: float | None
     meta: CameraMetadata
+    # The whole photo as the verification stage matches it (None for street/aerial views).
+    match_view: MatchView | None = None
+
+
+@dataclass(frozen=True)
+class MatchView:
+    """The prepared photo for local-feature matching: rectified to nadir when the pitch is known,
+    at the index's ground sample distance when the altitude is known — but not cropped to a tile
+    and not rotated, so it keeps every pixel (a footprint may straddle tiles)."""
+
+    image: np.ndarray
+    at_index_gsd: bool
+    rectified_pitch_deg: float  # the pitch undone by rectification (0: nadir or unknown)
+    pitch_known: bool  # False: the photo may be oblique although it was not rectified
+    heading_deg: float | None  # known heading (flag/metadata), None when searched
+    hfov_deg: float  # horizontal field of view of the original photo's width
 
 
 def _known(flag: float | None, meta_value: float | None) -> tuple[float | None, str]:
@@ -130,12 +146,20 @@ def prepare_query(
 ) -> PreparedQuery:
     """Load a photo and turn it into the reference's geometry (or hypotheses of it)."""
     image = np.asarray(load_photo(path))  # the photo rules (formats, animation) the service applies too
+    return prepare_image(image, read_camera_metadata(path), path, options, tile_m, gsd_m)
+
+
+def prepare_image(
+    image: np.ndarray, meta: CameraMetadata, path: Path | str, options: QueryOptions, tile_m: float | None,
+    gsd_m: float | None,
+) -> PreparedQuery:
+    """:func:`prepare_query` for pixels already in memory (a video frame): ``meta`` is what the
+    camera recorded (empty for a video), ``path`` names the frame in messages and answers."""
     if min(image.shape[:2]) < MIN_SIDE_PX:
         raise InputError(f"{path}: image is {image.shape[1]}x{image.shape[0]} px, too small to locate (min {MIN_SIDE_PX})")
     problem = content_problem(image)
     if problem:
         raise InputError(f"{path}: {problem}; nothing to match")
-    meta = read_camera_metadata(path)
     if options.view != "drone":
         # Street and aerial photos are used as they are; aerial ones are assumed north-up
         # unless a heading is given.
@@ -148,7 +172,7 @@ def prepare_query(
     # The 35 mm-equivalent field of view spans the long side; our camera model takes the width's.
     hfov_long = options.hfov_deg or hfov_from_focal_35mm(meta.focal_length_35mm, DEFAULT_HFOV_DEG)
     hfov = math.degrees(2 * math.atan(math.tan(math.radians(hfov_long) / 2) * width / max(width, height)))
-    pitch, _ = _known(options.pitch_deg, meta.pitch_from_nadir_deg)
+    pitch, pitch_source = _known(options.pitch_deg, meta.pitch_from_nadir_deg)
     pitch = float(pitch or 0.0)
     if not 0.0 <= pitch <= MAX_PITCH_DEG:
         raise InputError(
@@ -174,12 +198,14 @@ def prepare_query(
         tile_px = int(round(tile_m / gsd_m))
         _check_rescale(path, image, altitude, photo_gsd, gsd_m, tile_px, n_angles)
         scaled = scale_image(image, photo_gsd / gsd_m)
+        photo, at_gsd = scaled, True
         if options.pad_to_tile:
             # A photo covering less ground than a tile is padded, not zoomed: scale is evidence.
             views.append((pad_to(scaled, tile_px), tile_px, 1.0))
         else:
             views.append((scaled, min(tile_px, *scaled.shape[:2]), 1.0))
     else:
+        photo, at_gsd = image, False
         side = min(height, width)
         check_allocation(
             f"{path}: {n_angles} heading x {len(options.scales)} scale hypotheses of this {width}x{height} px photo",
@@ -200,7 +226,9 @@ def prepare_query(
         for canvas, crop, scale in views
         for angle in angles
     ]
-    return PreparedQuery(str(path), hypotheses, heading_source, pitch, altitude, meta)
+    known = None if heading_source == "search" else float(heading)
+    return PreparedQuery(str(path), hypotheses, heading_source, pitch, altitude, meta,
+                         MatchView(photo, at_gsd, pitch, bool(pitch_source), known, hfov))
 
 
 def _check_rescale(path: Path, image: np.ndarray, altitude: float, photo_gsd: float, gsd_m: float,

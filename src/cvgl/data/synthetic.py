@@ -74,12 +74,13 @@ def make_queries(
     seed: int,
     photo_size: tuple[int, int] = (240, 320),
     x_range: tuple[float, float] | None = None,
+    y_range: tuple[float, float] | None = None,
 ) -> list[SyntheticQuery]:
     """``count`` queries of ``family`` centred at random ground points of ``raster``.
 
     The family sets the lens (``hfov_deg``) and the ground width the photo's short side covers
     at nadir (``footprint_m``, times the scale jitter); ``x_range`` restricts centres to a band of
-    eastings (a spatial split). For steep views the photo's far field reaches hundreds of metres
+    eastings (a spatial split), ``y_range`` to a band of northings. For steep views the photo's far field reaches hundreds of metres
     beyond its centre, possibly across the split line: the centre, not the far field, is split.
     """
     rng = np.random.default_rng(seed)
@@ -97,7 +98,8 @@ def make_queries(
         half_m = need_px * photo_gsd / 2
         lo_x, hi_x = x_range or (left, right)
         cx = rng.uniform(max(left + half_m, lo_x), min(right - half_m, hi_x))
-        cy = rng.uniform(bottom + half_m, top - half_m)
+        lo_y, hi_y = y_range or (bottom, top)
+        cy = rng.uniform(max(bottom + half_m, lo_y), min(top - half_m, hi_y))
         patch = read_region(raster, cx, cy, size_m=need_px * photo_gsd, gsd_m=photo_gsd)
         image = simulate_drone_view(patch, yaw, pitch, hfov_deg, (photo_h, photo_w))
         if family.photometric:

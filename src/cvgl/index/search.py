@@ -43,12 +43,12 @@ def dense_scoring(index: ReferenceIndex) -> bool:
     return index.index_type == "flat" and len(index) <= DENSE_MAX
 
 
-def hypothesis_scores(
+def hypothesis_score_matrix(
     index: ReferenceIndex, desc: np.ndarray, alignment: Alignment,
     prior: tuple[np.ndarray | None, tuple | None] | None = None, candidates: int = RERANK_POOL,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-tile best score over a photo's hypotheses ``[N]`` (``-inf`` = not scored) and which
-    hypothesis gave it: dense for small flat indexes, else backend candidates re-scored exactly.
+) -> np.ndarray:
+    """Score of every hypothesis for every tile ``[H, N]`` (``-inf`` = not scored): dense for
+    small flat indexes, else the union of the backend's candidates re-scored exactly.
 
     ``prior``: a geographic prior in the backend's terms (:meth:`ReferenceIndex.prior`,
     computed once by callers that score many photos); None: every tile."""
@@ -60,11 +60,18 @@ def hypothesis_scores(
             masked = np.full_like(scores, -np.inf)
             masked[:, allowed] = scores[:, allowed]
             scores = masked
-        return best_over_hypotheses(scores)
+        return scores
     _, rows = index.candidates(desc, candidates, prior)
     pool = np.unique(rows[rows >= 0])
-    exact = index.exact_scores(desc, pool, alignment)  # [H, pool]
-    tile_scores = np.full(len(index), -np.inf, dtype=np.float32)
-    best_hyp = np.zeros(len(index), dtype=np.int64)
-    tile_scores[pool], best_hyp[pool] = exact.max(0), exact.argmax(0)
-    return tile_scores, best_hyp
+    scores = np.full((len(desc), len(index)), -np.inf, dtype=np.float32)
+    scores[:, pool] = index.exact_scores(desc, pool, alignment)
+    return scores
+
+
+def hypothesis_scores(
+    index: ReferenceIndex, desc: np.ndarray, alignment: Alignment,
+    prior: tuple[np.ndarray | None, tuple | None] | None = None, candidates: int = RERANK_POOL,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-tile best score over a photo's hypotheses ``[N]`` (``-inf`` = not scored) and which
+    hypothesis gave it (see :func:`hypothesis_score_matrix`)."""
+    return best_over_hypotheses(hypothesis_score_matrix(index, desc, alignment, prior, candidates))
