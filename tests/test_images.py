@@ -308,3 +308,82 @@ def test_stretch_rejects_bad_arguments() -> None:
         stretch_to_uint8(np.zeros((2, 2)), low_pct=50, high_pct=10)
     with pytest.raises(ValueError):
         stretch_to_uint8(np.zeros((2, 2)), valid_mask=np.ones((3, 3), bool))
+
+
+# --------------------------------------------------------------------------- draft (reduced-scale) JPEG decode
+
+
+def _smooth_photo(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Photo-like content (smooth texture, not per-pixel noise, which no downscale preserves)."""
+    small = _noise((height // 16 + 1, width // 16 + 1, 3), seed)
+    return cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
+
+
+@pytest.mark.parametrize(("min_side", "expected_hw"), [
+    (300, (300, 400)),  # 1/4 keeps 300 px: the smallest scale that does
+    (301, (600, 800)),  # 1/4 would give 300 < 301: 1/2
+    (150, (150, 200)),  # 1/8 is the smallest DCT scale
+    (10, (150, 200)),
+])
+def test_draft_decode_picks_the_smallest_scale_that_keeps_min_side(tmp_path: Path, min_side: int,
+                                                                   expected_hw: tuple[int, int]) -> None:
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(_smooth_photo(1200, 1600)).save(path, quality=92)
+    assert np.asarray(load_image(path, min_side)).shape == (*expected_hw, 3)
+
+
+def test_draft_decode_is_close_to_a_full_decode_downscaled(tmp_path: Path) -> None:
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(_smooth_photo(1200, 1600, seed=1)).save(path, quality=92)
+    full = np.asarray(load_image(path))
+    draft = np.asarray(load_image(path, 300))
+    area = cv2.resize(full, (draft.shape[1], draft.shape[0]), interpolation=cv2.INTER_AREA)
+    difference = np.abs(draft.astype(np.int16) - area.astype(np.int16))
+    assert difference.mean() < 1.5 and np.percentile(difference, 99) < 8  # grey levels
+
+
+def test_no_draft_when_not_asked_or_not_smaller_or_not_jpeg(tmp_path: Path) -> None:
+    """Bit-identical to the full decode whenever the draft cannot or need not reduce."""
+    photo = _smooth_photo(600, 800, seed=2)
+    jpeg, png = tmp_path / "a.jpg", tmp_path / "a.png"
+    Image.fromarray(photo).save(jpeg, quality=92)
+    Image.fromarray(photo).save(png)
+    full = np.asarray(load_image(jpeg))
+    for min_side in (None, 600, 1000):
+        assert np.array_equal(np.asarray(load_image(jpeg, min_side)), full)
+    assert np.array_equal(np.asarray(load_image(png, 100)), photo)
+
+
+def test_draft_decode_refuses_nothing_new_and_accepts_nothing_broken(tmp_path: Path) -> None:
+    """Every JPEG kind decoded at full size is decoded in draft mode too, with the same upright
+    orientation, mode handling and (at least) the asked size; a truncated one is still refused."""
+    rgb = _smooth_photo(640, 960, seed=3)
+    cases = {
+        "baseline.jpg": (Image.fromarray(rgb), {"quality": 90}),
+        "progressive.jpg": (Image.fromarray(rgb), {"quality": 90, "progressive": True}),
+        "grey.jpg": (Image.fromarray(rgb[..., 0]), {"quality": 90}),
+        "cmyk.jpg": (Image.fromarray(rgb).convert("CMYK"), {"quality": 90}),
+        "subsampled.jpg": (Image.fromarray(rgb), {"quality": 80, "subsampling": 2}),
+        "small.jpg": (Image.fromarray(rgb[:100, :120]), {"quality": 90}),
+    }
+    for name, (img, options) in cases.items():
+        path = tmp_path / name
+        img.save(path, **options)
+        full = np.asarray(load_image(path))
+        draft = np.asarray(load_image(path, 150))
+        assert draft.dtype == np.uint8 and draft.shape[2] == 3, name
+        assert min(draft.shape[:2]) >= min(150, min(full.shape[:2])), name
+        assert draft.shape[0] * full.shape[1] == draft.shape[1] * full.shape[0], name  # same aspect
+        area = cv2.resize(full, (draft.shape[1], draft.shape[0]), interpolation=cv2.INTER_AREA)
+        assert np.abs(draft.astype(np.int16) - area.astype(np.int16)).mean() < 3, name
+    rotated = Image.fromarray(rgb)
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    rotated.save(tmp_path / "sideways.jpg", exif=exif, quality=90)
+    assert np.asarray(load_image(tmp_path / "sideways.jpg", 150)).shape == (240, 160, 3)  # portrait, 1/4
+    cut = tmp_path / "cut.jpg"
+    Image.fromarray(rgb).save(cut, quality=95)
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) * 6 // 10])
+    with pytest.raises(InputError, match="truncated"):
+        load_image(cut, 150)

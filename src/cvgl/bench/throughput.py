@@ -1,11 +1,14 @@
-"""Throughput benchmark: encoder images/s against this machine's FLOP-bound limit and ``cvgl index``
-end to end. Search latency, memory and recall per index type are :mod:`cvgl.bench.scale`.
+"""Throughput benchmark: the encoder at every precision x runtime, the CPU's per-precision GEMM
+peaks, descriptor fidelity, ``cvgl index`` end to end and one-photo ``cvgl locate``.
 
     python -m cvgl.bench.throughput [--out FILE] [--quick]
 
-Everything is measured in one run, on this machine, with the threads torch and faiss get by
-default (reported in the header). Times are medians of >= 5 timed runs after a warm-up
-(``--quick``: >= 3 runs and smaller sizes, for smoke tests only).
+Everything is measured in one run, on this machine, side by side: the encoder variants (eager
+torch fp32 = the reference, torch bf16, OpenVINO fp32/bf16 when the ``openvino`` extra is
+installed) are timed **interleaved** (round-robin, one call of each per round) so that a load
+change on a shared machine hits all of them alike; ratios are to eager fp32 at the same batch
+and thread count. Times are medians (``--quick``: fewer rounds and tiles, for smoke tests only).
+The load other processes put on the machine is reported per section.
 
 **FLOP count of a ViT forward pass** (per image; a multiply-add counts as 2 FLOPs; LayerNorm,
 softmax, GELU, residual adds, biases and pooling are not counted - like FlopCounterMode)::
@@ -25,12 +28,11 @@ so ``2 * (12 N C^2 + 2 N^2 C)`` per block for F = 4C. Only the blocks the head n
 on the real module; torch does not register a formula for the CPU fused attention op
 (``_scaled_dot_product_flash_attention_for_cpu``), so it is mapped to torch's own SDPA formula.
 
-**FLOP-bound limit** = measured dense float32 GEMM rate (``torch.matmul`` of a ViT-S MLP-shaped
-``(16 * 257) x 384 @ 384 x 1536``) / GFLOP per image: the images/s the encoder would reach if every
-FLOP ran at the speed of its largest GEMM. Real encoders land below it (attention, norms, GELU,
-memory traffic, small-batch GEMMs).
+**Per-precision peaks**: the CPU's matrix-relevant flags (AVX2, AVX-512, AVX512_BF16, AMX) and the
+measured rate of a large square ``torch.matmul`` per dtype and thread count (the best this
+machine's BLAS reaches); the **FLOP-bound limit** of an encoder variant is that peak / GFLOP per
+image. A theoretical peak from clock x FMA units is not given: neither is in the flags.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -50,6 +52,7 @@ import numpy as np
 import torch
 
 from cvgl.bench.common import cpu_model, emit_section, log, markdown_table
+from cvgl.models.encoder import PRECISION_DTYPES
 
 # ----------------------------------------------------------------------------------------------
 # Timing helpers
@@ -140,22 +143,30 @@ def counted_flops(backbone, input_size: tuple[int, int], blocks: int) -> int:
     return int(counter.get_total_flops())
 
 
+
+
 @dataclass
 class GemmResult:
     label: str
+    dtype: str
+    threads: int
     shape: tuple[int, int, int, int]  # batch, m, k, n
     gflops: float
     seconds: float
     runs: int
 
 
-def gemm_gflops(label: str, m: int, k: int, n: int, batch: int = 1, min_runs: int = 5) -> GemmResult:
-    """Median float32 GFLOP/s of ``torch.matmul`` ``[batch,] m x k @ k x n`` (2 m k n FLOPs each)."""
+DTYPES = PRECISION_DTYPES  # the encoder's precision names -> torch dtypes
+
+
+def gemm_gflops(label: str, m: int, k: int, n: int, batch: int = 1, min_runs: int = 5,
+                dtype: str = "fp32") -> GemmResult:
+    """Median GFLOP/s of ``torch.matmul`` ``[batch,] m x k @ k x n`` in ``dtype`` (2 m k n FLOPs each)."""
     gen = torch.Generator().manual_seed(0)
     lead = (batch,) if batch > 1 else ()
-    a = torch.randn(*lead, m, k, generator=gen)
-    b = torch.randn(*lead, k, n, generator=gen)
-    out = torch.empty(*lead, m, n)
+    a = torch.randn(*lead, m, k, generator=gen).to(DTYPES[dtype])
+    b = torch.randn(*lead, k, n, generator=gen).to(DTYPES[dtype])
+    out = torch.empty(*lead, m, n, dtype=DTYPES[dtype])
     flops = 2.0 * batch * m * k * n
     with torch.inference_mode():
         torch.matmul(a, b, out=out)
@@ -170,41 +181,153 @@ def gemm_gflops(label: str, m: int, k: int, n: int, batch: int = 1, min_runs: in
 
         seconds, runs = median_seconds(run, min_runs=min_runs, max_runs=min_runs + 10, budget_s=1.0, warmup=0)
     seconds /= reps
-    return GemmResult(label, (batch, m, k, n), flops / seconds / 1e9, seconds, runs)
-
-
-# ----------------------------------------------------------------------------------------------
-# Encoder throughput
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EncoderResult:
-    preset: str
-    blocks: int
-    depth: int
-    size: int
-    batch: int
-    seconds_per_batch: float
-    runs: int
-    gflop_analytic: float
-    gflop_counted: float
-
-    @property
-    def images_per_s(self) -> float:
-        return self.batch / self.seconds_per_batch
-
-
-def time_encoder(encoder, size: int, batch: int, min_runs: int = 5) -> tuple[float, int]:
-    """Median seconds of ``encoder.forward`` on a ``[batch, 3, size, size]`` tensor (pixels -> descriptor)."""
-    images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        return median_seconds(lambda: encoder(images), min_runs=min_runs, max_runs=30, budget_s=3.0,
-                              warmup=2 if batch == 1 else 1)
+    return GemmResult(label, dtype, torch.get_num_threads(), (batch, m, k, n), flops / seconds / 1e9, seconds, runs)
 
 
 def deepest_block(encoder) -> int:
     return max(encoder._layers.values())
+
+
+MATRIX_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder variants: every precision x runtime, timed interleaved
+# ----------------------------------------------------------------------------------------------
+
+REFERENCE = "fp32 on torch"
+
+
+def build_variants(weights: str, preset: str, log: Callable[[str], None]) -> tuple[dict, dict[str, str]]:
+    """``{label: encoder}`` for every precision x runtime that can run here, and
+    ``{label: why not}`` for those that cannot (OpenVINO not installed)."""
+    from cvgl.models import runtime
+    from cvgl.models.factory import create_encoder
+
+    encoders, missing = {}, {}
+    for name in ("torch", "openvino"):
+        for precision in ("fp32", "bf16"):
+            label = f"{precision} on {name}"
+            if name == "openvino" and not runtime.openvino_available():
+                missing[label] = "OpenVINO not installed (`pip install 'cvgl[openvino]'`)"
+                continue
+            log(f"building encoder {label}")
+            encoders[label] = create_encoder(preset, weights, (224, 224), precision=precision, runtime=name)
+    return encoders, missing
+
+
+def interleaved_seconds(encoders: dict, batch: int, rounds: int, size: int = 224) -> dict[str, tuple[float, int]]:
+    """Median seconds per ``forward`` of a ``[batch, 3, size, size]`` batch, per encoder, timed
+    round-robin (one call of each per round; batch 1: 4 calls per round)."""
+    images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    calls = 4 if batch == 1 else 1
+    times: dict[str, list[float]] = {label: [] for label in encoders}
+    with torch.inference_mode():
+        for encoder in encoders.values():  # warm-up: allocations, OpenVINO's compile per thread count
+            encoder(images)
+            encoder(images)
+        for _ in range(rounds):
+            for label, encoder in encoders.items():
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    encoder(images)
+                times[label].append((time.perf_counter() - t0) / calls)
+    return {label: (statistics.median(values), len(values) * calls) for label, values in times.items()}
+
+
+@dataclass
+class VariantTiming:
+    label: str
+    threads: int
+    batch: int
+    seconds: float
+    runs: int
+
+    @property
+    def images_per_s(self) -> float:
+        return self.batch / self.seconds
+
+
+# ----------------------------------------------------------------------------------------------
+# Fidelity on real tiles
+# ----------------------------------------------------------------------------------------------
+
+
+def real_tile_pairs(count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``count`` WV3 tiles (the reference; evenly spread over the scene) and WV2 crops centred on
+    the same ground points (the queries, another sensor and date), as the ``longmont`` protocol A."""
+    from cvgl.data.raster import read_region
+    from cvgl.data.samples import longmont_scene
+    from cvgl.data.tiling import TilingSpec, iter_tiles
+
+    spec = TilingSpec(tile_m=112.0, stride_m=56.0, gsd_m=0.5)
+    tiles = list(iter_tiles(longmont_scene("wv3"), spec))
+    keep = np.unique(np.linspace(0, len(tiles) - 1, min(count, len(tiles))).round().astype(int))
+    wv2 = longmont_scene("wv2")
+    return ([tiles[i].image for i in keep],
+            [read_region(wv2, tiles[i].x, tiles[i].y, spec.tile_m, spec.gsd_m) for i in keep])
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def fidelity_rows(encoders: dict, references: list[np.ndarray], queries: list[np.ndarray]) -> list[list[object]]:
+    """Per variant: cosine to eager fp32 (mean/min over tiles + queries), top-1 agreement of its
+    queries against the fp32 index and against its own index, and cross-sensor R@1 (the top-1 tile
+    is the co-registered one)."""
+    desc = {label: (_unit(e.encode(references)), _unit(e.encode(queries))) for label, e in encoders.items()}
+    ref32, q32 = desc[REFERENCE]
+    top32 = (q32 @ ref32.T).argmax(1)
+    truth = np.arange(len(queries))
+    rows = []
+    for label, (ref, q) in desc.items():
+        cos = np.concatenate([np.sum(ref * ref32, 1), np.sum(q * q32, 1)])
+        vs_fp32_index = (q @ ref32.T).argmax(1)
+        own = (q @ ref.T).argmax(1)
+        rows.append([label, len(cos), f"{cos.mean():.6f}", f"{cos.min():.6f}",
+                     f"{np.mean(vs_fp32_index == top32):.1%}", f"{np.mean(own == top32):.1%}",
+                     f"{np.mean(own == truth):.3f}"])
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# OpenMP wait policy (2 threads on a shared machine)
+# ----------------------------------------------------------------------------------------------
+
+_POLICY_SCRIPT = """
+import json, statistics, sys, time, torch
+torch.set_num_threads(2)
+from cvgl.models.factory import create_encoder
+encoder = create_encoder(sys.argv[1], sys.argv[2], (224, 224))
+out = {}
+with torch.inference_mode():
+    for batch in (1, 16):
+        images = torch.rand(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+        encoder(images)
+        times = []
+        for _ in range(int(sys.argv[3])):
+            t0 = time.perf_counter(); encoder(images); times.append(time.perf_counter() - t0)
+        out[batch] = statistics.median(times)
+print(json.dumps(out))
+"""
+
+
+def wait_policy_seconds(preset: str, weights: str, rounds: int) -> dict[str, dict[str, float]]:
+    """fp32 seconds per batch (1 and 16) at 2 threads in a fresh process per ``OMP_WAIT_POLICY``
+    (it is read once, when OpenMP starts, so it cannot be switched inside one process)."""
+    import json
+    import subprocess
+
+    out = {}
+    for policy in ("default", "PASSIVE"):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if policy != "default":
+            env["OMP_WAIT_POLICY"] = policy
+        done = subprocess.run([sys.executable, "-c", _POLICY_SCRIPT, preset, weights, str(rounds)], env=env,
+                              check=True, capture_output=True, text=True)
+        out[policy] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,14 +339,15 @@ def deepest_block(encoder) -> int:
 class IndexRunResult:
     tiles: int
     read_s: float  # iter_tiles alone, median of 3 passes
-    encode_s: float  # Encoder.encode on the tiles already in memory
-    build_s: float  # build_index (read + encode + alignment + write)
-    load_s: float  # create_encoder with cached weights
+    build_s: dict[str, float]  # build_index (read + encode + alignment + write), per variant
+    load_s: float  # create_encoder with cached weights (fp32 on torch)
     cli_s: float | None  # the `cvgl index` command in a subprocess (Python start, imports, load, build)
+    import_s: float  # a fresh Python process importing cvgl.cli (the CLI's start-up)
 
 
-def index_run(weights: str = "embedded", cli: bool = True) -> IndexRunResult:
-    """Time indexing Longmont WV3 (112 m tiles, stride 56 m, 0.5 m GSD, default encoder) several ways."""
+def index_run(out_dir: Path, encoders: dict, weights: str = "embedded", cli: bool = True) -> IndexRunResult:
+    """Time indexing Longmont WV3 (112 m tiles, stride 56 m, 0.5 m GSD, default encoder) several
+    ways; the fp32 index is left in ``out_dir / "index"`` for the locate section."""
     import subprocess
 
     from cvgl.data.samples import longmont_scene
@@ -235,7 +359,7 @@ def index_run(weights: str = "embedded", cli: bool = True) -> IndexRunResult:
     spec = TilingSpec(tile_m=112.0, stride_m=56.0, gsd_m=0.5)
     path = longmont_scene("wv3")
     t0 = time.perf_counter()
-    encoder = create_encoder(DEFAULT_PRESET, weights)
+    create_encoder(DEFAULT_PRESET, weights)
     load_s = time.perf_counter() - t0
     images: list[np.ndarray] = []
 
@@ -244,21 +368,135 @@ def index_run(weights: str = "embedded", cli: bool = True) -> IndexRunResult:
         images.extend(tile.image for tile in iter_tiles(path, spec))
 
     read_s, _ = median_seconds(read, min_runs=3, max_runs=3, budget_s=0.0, warmup=1)
-    t0 = time.perf_counter()
-    encoder.encode(images, batch_size=16)
-    encode_s = time.perf_counter() - t0
-    cli_s = None
-    with tempfile.TemporaryDirectory(prefix="cvgl-bench-") as tmp:
+    build_s = {}
+    for label, encoder in encoders.items():
+        name = "index" if label == REFERENCE else "index-" + label.replace(" ", "-")
         t0 = time.perf_counter()
-        build_index(path, Path(tmp) / "index", encoder, spec, progress=False)
-        build_s = time.perf_counter() - t0
-        if cli:
-            command = [sys.executable, "-m", "cvgl", "index", str(path), "--out", str(Path(tmp) / "cli-index"),
-                       "--tile-m", "112", "--stride-m", "56", "--gsd", "0.5", "--weights", weights]
-            t0 = time.perf_counter()
-            subprocess.run(command, check=True, capture_output=True)
-            cli_s = time.perf_counter() - t0
-    return IndexRunResult(len(images), read_s, encode_s, build_s, load_s, cli_s)
+        build_index(path, out_dir / name, encoder, spec, progress=False)
+        build_s[label] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import cvgl.cli"], check=True, capture_output=True)
+    import_s = time.perf_counter() - t0
+    cli_s = None
+    if cli:
+        command = [sys.executable, "-m", "cvgl", "index", str(path), "--out", str(out_dir / "cli-index"),
+                   "--tile-m", "112", "--stride-m", "56", "--gsd", "0.5", "--weights", weights]
+        t0 = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True)
+        cli_s = time.perf_counter() - t0
+    return IndexRunResult(len(images), read_s, build_s, load_s, cli_s, import_s)
+
+
+# ----------------------------------------------------------------------------------------------
+# One-photo locate: a 12 MP JPEG, heading unknown
+# ----------------------------------------------------------------------------------------------
+
+PHOTO_HW = (3000, 4000)  # 12 MP
+
+
+def make_large_photo(folder: Path, seed: int = 0) -> tuple[Path, tuple[float, float]]:
+    """A 4000x3000 JPEG cut from WV2 (nadir, random yaw, no metadata: heading and altitude
+    unknown) and the ground point at its centre (lat, lon)."""
+    from PIL import Image
+
+    from cvgl.data.samples import longmont_scene
+    from cvgl.data.synthetic import QueryFamily, make_queries
+
+    query = make_queries(longmont_scene("wv2"), 1, QueryFamily("nadir", heading_known=False), seed,
+                         photo_size=PHOTO_HW)[0]
+    path = folder / "photo-12mp.jpg"
+    Image.fromarray(query.image).save(path, quality=92)
+    return path, (query.center_lat, query.center_lon)
+
+
+# Run in a fresh process, so imports and model load are what a one-photo command pays.
+_STAGES_SCRIPT = """
+import json, sys, time
+from pathlib import Path
+t0 = time.perf_counter()
+import numpy as np
+import torch
+from cvgl.data.images import load_photo
+from cvgl.data.metadata import read_camera_metadata
+from cvgl.index.search import hypothesis_scores
+from cvgl.index.store import open_index
+from cvgl.models.factory import create_encoder
+from cvgl.preprocess import QueryOptions, hypothesis_side, prepare_image
+stages = {"imports": time.perf_counter() - t0}
+index_dir, photo, sized, precision, runtime, weights, out, oversample = sys.argv[1:9]
+sized = sized == "1"
+if oversample != "-":  # a proposed value of the preprocessing constant, for comparison
+    import cvgl.preprocess
+    cvgl.preprocess.HYPOTHESIS_OVERSAMPLE = float(oversample)
+t0 = time.perf_counter()
+index = open_index(Path(index_dir))
+built = index.manifest.encoder
+encoder = create_encoder(built.preset, weights, tuple(built.input_size), view="query", precision=precision, runtime=runtime)
+stages["model load + index open"] = time.perf_counter() - t0
+tile_m, gsd_m = index.manifest.tile_m, index.manifest.gsd_m
+options = QueryOptions(model_size=encoder.input_size if sized else None)
+t0 = time.perf_counter()
+meta = read_camera_metadata(Path(photo))
+min_side = None
+if sized:
+    from PIL import Image
+    with Image.open(photo) as img:
+        width, height = img.size
+    min_side = hypothesis_side((height, width), options, meta, tile_m, gsd_m)
+image = np.asarray(load_photo(Path(photo), min_side))
+stages["decode"] = time.perf_counter() - t0
+t0 = time.perf_counter()
+query = prepare_image(image, meta, Path(photo), options, tile_m, gsd_m)
+stages["hypotheses"] = time.perf_counter() - t0
+t0 = time.perf_counter()
+desc = encoder.encode([h.image for h in query.hypotheses])
+stages["model"] = time.perf_counter() - t0
+t0 = time.perf_counter()
+scores, best = hypothesis_scores(index, desc, index.alignment)
+stages["search"] = time.perf_counter() - t0
+np.save(out, desc)
+top = int(np.argmax(scores))
+print(json.dumps({"stages": stages, "decoded": list(image.shape[:2]), "hypotheses": len(query.hypotheses),
+                  "hypothesis_px": list(query.hypotheses[0].image.shape[:2]), "computed": encoder.describe(),
+                  "top1": top, "top1_latlon": [float(index.tiles["lat"].iloc[top]), float(index.tiles["lon"].iloc[top])]}))
+"""
+
+
+@dataclass
+class LocateRun:
+    label: str
+    wall_s: float  # the subprocess, Python start included
+    stages: dict[str, float]
+    info: dict
+    desc: np.ndarray
+
+
+def locate_stages(index_dir: Path, photo: Path, sized: bool, precision: str, runtime: str, weights: str,
+                  label: str, tmp: Path, oversample: float | None = None) -> LocateRun:
+    import json
+    import subprocess
+
+    out = tmp / f"desc-{len(label)}-{int(sized)}-{precision}-{runtime}-{oversample}.npy"
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", _STAGES_SCRIPT, str(index_dir), str(photo), "1" if sized else "0",
+                           precision, runtime, weights, str(out), "-" if oversample is None else str(oversample)],
+                          check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    return LocateRun(label, wall, info.pop("stages"), info, np.load(out))
+
+
+def cli_locate_seconds(index_dir: Path, photo: Path, weights: str, tmp: Path, extra: Sequence[str] = ()) -> float:
+    import subprocess
+
+    command = [sys.executable, "-m", "cvgl", "locate", str(index_dir), str(photo), "--weights", weights,
+               "--json", str(tmp / "answers.jsonl"), *extra]
+    t0 = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = " ".join(done.stderr.strip().splitlines()[-1:])[:200]
+        raise RuntimeError(f"exit status {done.returncode}: {tail}")
+    return time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,196 +556,282 @@ def machine_header(argv: Sequence[str]) -> list[str]:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return [
         (f"Machine: {platform.platform()} | CPU: {cpu_model()} | cores: {os.cpu_count()} logical, "
-        f"{usable} usable | torch {torch.__version__} ({torch.get_num_threads()} threads) | "
-        f"faiss {faiss.__version__} ({faiss.omp_get_max_threads()} OpenMP threads) | numpy {np.__version__} | "
-        f"Python {platform.python_version()} | load average at start: {load}"),
+        f"{usable} usable | torch {torch.__version__} | faiss {faiss.__version__} | numpy {np.__version__} | "
+        f"Python {platform.python_version()} | OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} | "
+        f"load average at start: {load}"),
         "",
         "Command: `python -m cvgl.bench.throughput" + ("" if not argv else " " + shlex.join(argv)) + "`",
     ]
 
 
-def _mb(nbytes: float) -> str:
-    return f"{nbytes / 2**20:,.1f}"
-
-
 @dataclass
 class Config:
-    sizes: tuple[int, ...] = (224, 448)
     batches: tuple[int, ...] = (1, 16)
-    presets: tuple[str, ...] = ("gem-l8", "gem")
+    threads: tuple[int, ...] = (1, 2)
+    rounds: int = 5
+    fidelity_tiles: int = 128
     min_runs: int = 5
     weights: str = "embedded"
-    sections: tuple[str, ...] = ("encoder", "index")
+    sections: tuple[str, ...] = ("encoder", "index", "locate")
+
+
+def _ratio(x: float, reference: float) -> str:
+    return f"{x / reference:.2f}x"
 
 
 def run(config: Config, argv: Sequence[str], log: Callable[[str], None]) -> str:
+    from cvgl.models import runtime
     from cvgl.models.factory import create_encoder
     from cvgl.models.presets import DEFAULT_PRESET
 
     started = time.perf_counter()
-    title = "## Benchmark `throughput` (encoder vs FLOP-bound limit, `cvgl index`)"
-    lines = [title, ""] + machine_header(argv) + [""]
-
+    default_threads = torch.get_num_threads()
+    lines = ["## Benchmark `throughput` (encoder precision x runtime, per-precision peaks, `cvgl index`, "
+             "one-photo `cvgl locate`)", ""] + machine_header(argv) + [""]
+    flags = runtime.cpu_flags()
+    native = runtime.has_native_bf16()
+    auto_precision = runtime.resolve_precision("auto")
+    lines += [
+        (f"CPU flags for matrix maths: {', '.join(f for f in MATRIX_FLAGS if f in flags) or 'none found'} "
+         f"(absent: {', '.join(f for f in MATRIX_FLAGS if f not in flags) or 'none'}). Native bf16 matrix "
+         f"instructions: **{'yes' if native else 'no'}** -> `--precision auto` picks **{auto_precision}** here"
+         + ("" if native else " (bf16 would only be emulated: slower and less exact)") + "."),
+        "",
+    ]
     monitor = CpuMonitor()
-    # -- 1 + 2: encoder throughput and the FLOP-bound limit ------------------------------------
-    ref_rate: float | None = None  # pure-encoder images/s, default preset, batch 16, 224 px
-    encoders = {}
+    encoders: dict = {}
+    missing: dict[str, str] = {}
+    if {"encoder", "index"} & set(config.sections):
+        encoders, missing = build_variants(config.weights, DEFAULT_PRESET, log)
+    reference_rate: float | None = None
     if "encoder" in config.sections:
-        for preset in config.presets:
-            encoders[preset] = create_encoder(preset, config.weights, (224, 224))
-    if "encoder" in config.sections:
-        log("GEMM rates")
-        tokens = {s: (s // 14) ** 2 + 1 for s in config.sizes}
-        big = 16 * tokens.get(224, (224 // 14) ** 2 + 1)
-        width = next(iter(encoders.values())).backbone.embed_dim
-        heads = next(iter(encoders.values())).backbone.blocks[0].attn.num_heads
-        hidden = 4 * width
-        gemms = [gemm_gflops(f"MLP fc1 ({16}x{big // 16} tokens)", big, width, hidden, min_runs=config.min_runs)]
-        headline = gemms[0]
-        gemms += [
-            gemm_gflops("qkv", big, width, 3 * width, min_runs=config.min_runs),
-            gemm_gflops("proj", big, width, width, min_runs=config.min_runs),
-            gemm_gflops("MLP fc2", big, hidden, width, min_runs=config.min_runs),
-            gemm_gflops(f"attention q k^T (batch 16 x {heads} heads)", tokens.get(224, 257), width // heads,
-                        tokens.get(224, 257), batch=16 * heads, min_runs=config.min_runs),
-        ]
-        fc1_rate = {big: headline.gflops}  # fc1-shaped GEMM rate by row count (batch x tokens)
-        for size in config.sizes:
+        # -- per-precision peaks -------------------------------------------------------------------
+        log("GEMM peaks per precision")
+        gemms: list[GemmResult] = []
+        for threads in config.threads:
+            torch.set_num_threads(threads)
+            for dtype in DTYPES:
+                gemms.append(gemm_gflops("square 1024^3", 1024, 1024, 1024, min_runs=config.min_runs, dtype=dtype))
+                gemms.append(gemm_gflops("ViT-S MLP fc1, batch 16 (4112x384 @ 384x1536)", 16 * 257, 384, 1536,
+                                         min_runs=config.min_runs, dtype=dtype))
+        peak = {(g.dtype, g.threads): max(x.gflops for x in gemms if (x.dtype, x.threads) == (g.dtype, g.threads))
+                for g in gemms}
+        # -- encoder variants, interleaved -----------------------------------------------------------
+        timings: list[VariantTiming] = []
+        for threads in config.threads:
+            torch.set_num_threads(threads)
             for batch in config.batches:
-                rows = batch * tokens[size]
-                if rows not in fc1_rate:
-                    gemms.append(gemm_gflops(f"MLP fc1 at batch {batch}, {size} px", rows, width, hidden,
-                                             min_runs=config.min_runs))
-                    fc1_rate[rows] = gemms[-1].gflops
-        results: list[EncoderResult] = []
-        for preset in config.presets:
-            encoder = encoders[preset]
-            blocks = deepest_block(encoder)
-            for size in config.sizes:
-                analytic = backbone_flops(encoder.backbone, (size, size), blocks)["total"]
-                counted = counted_flops(encoder.backbone, (size, size), blocks)
-                for batch in config.batches:
-                    log(f"encoder {preset} {size}px batch {batch}")
-                    seconds, runs = time_encoder(encoder, size, batch, config.min_runs)
-                    results.append(EncoderResult(preset, blocks, encoder.backbone.depth, size, batch, seconds, runs,
-                                                 analytic / 1e9, counted / 1e9))
-                    if preset == DEFAULT_PRESET and size == 224 and batch == 16:
-                        ref_rate = results[-1].images_per_s
-        lines += [
-            "### 1. Encoder throughput (pixels -> descriptor, `Encoder.forward` on ready tensors)",
-            "",
-            f"torch threads: {torch.get_num_threads()}; median of >= {config.min_runs} timed runs after a "
-            "warm-up; weights: " + config.weights + ".",
-            "",
-        ]
-        rate = headline.gflops
+                log(f"encoder variants, {threads} thread(s), batch {batch}")
+                for label, (seconds, runs) in interleaved_seconds(encoders, batch, config.rounds).items():
+                    timings.append(VariantTiming(label, threads, batch, seconds, runs))
+        torch.set_num_threads(default_threads)
+        base = {(t.threads, t.batch): t for t in timings if t.label == REFERENCE}
+        reference_rate = base.get((max(config.threads), 16), next(iter(base.values()))).images_per_s
+        encoder = encoders[REFERENCE]
+        blocks = deepest_block(encoder)
+        gflop = backbone_flops(encoder.backbone, (224, 224), blocks)["total"] / 1e9
         rows = []
-        for r in results:
-            limit = rate / r.gflop_analytic
-            matched = fc1_rate[r.batch * tokens[r.size]] / r.gflop_analytic
-            rows.append([
-                r.preset,
-                f"{r.blocks}/{r.depth}", r.size, r.batch, f"{r.images_per_s:.2f}",
-                f"{r.seconds_per_batch * 1e3:.1f}", r.runs, f"{r.gflop_analytic:.2f}",
-                f"{r.images_per_s * r.gflop_analytic:.1f}", f"{limit:.2f}", f"{r.images_per_s / limit:.0%}",
-                f"{r.images_per_s / matched:.0%}",
-            ])
+        for t in sorted(timings, key=lambda t: (t.threads, t.batch)):
+            ref = base[(t.threads, t.batch)]
+            dtype = t.label.split()[0]
+            limit = peak[(dtype, t.threads)] / gflop
+            rows.append([t.label, t.threads, t.batch, f"{t.images_per_s:.2f}", f"{t.seconds * 1e3:.1f}", t.runs,
+                         f"**{_ratio(t.images_per_s, ref.images_per_s)}**", f"{t.images_per_s * gflop:.0f}",
+                         f"{limit:.1f}", f"{t.images_per_s / limit:.0%}"])
+        for label, why in missing.items():
+            rows.append([label, "-", "-", "not run", "-", "-", "-", "-", "-", why])
+        lines += [
+            f"### 1. Encoder: every precision x runtime ({DEFAULT_PRESET}, 224 px, `Encoder.forward` on ready tensors)",
+            "",
+            (f"Timed interleaved ({config.rounds} rounds, one call of each variant per round; batch 1: 4 calls), "
+             f"median; weights: {config.weights}; {gflop:.2f} GFLOP/image ({blocks} of "
+             f"{encoder.backbone.depth} blocks). Ratio = images/s over eager fp32 at the same batch and threads. "
+             "FLOP-bound limit = this precision's measured GEMM peak at that thread count (section 2) / GFLOP "
+             "per image (a ratio above 100% means that runtime's kernels beat torch's own GEMM, which is "
+             "then not this CPU's peak). bf16 = backbone in bfloat16, normalisation and GeM head in float32; OpenVINO = the same "
+             "encoder exported once to ONNX, compiled for this CPU with that inference precision."),
+            "",
+        ]
+        lines += markdown_table(["variant", "threads", "batch", "images/s", "ms/batch", "runs", "vs eager fp32",
+                                 "achieved GFLOP/s", "FLOP-bound limit (images/s)", "measured / limit"], rows)
+        lines += ["", f"While section 1 ran, {monitor.others()}.", ""]
+        lines += ["### 2. Per-precision peaks of this CPU (measured `torch.matmul`, median)", ""]
         lines += markdown_table(
-            ["encoder", "blocks run", "input px", "batch", "images/s", "ms/batch", "runs", "GFLOP/image",
-             "achieved GFLOP/s", "FLOP-bound limit (images/s)", "measured / limit",
-             "measured / limit at this batch's fc1 GEMM rate"],
-            rows,
+            ["GEMM", "dtype", "threads", "shape (batch, m, k, n)", "GFLOP/s", "vs fp32 (same shape, threads)",
+             "ms each", "runs"],
+            [[g.label, g.dtype, g.threads, "x".join(map(str, g.shape)), f"{g.gflops:.1f}",
+              _ratio(g.gflops, next(x.gflops for x in gemms if (x.label, x.threads, x.dtype) == (g.label, g.threads, "fp32"))),
+              f"{g.seconds * 1e3:.2f}", g.runs] for g in gemms],
         )
         lines += [
             "",
-            "### 2. FLOP-bound limit",
+            ("No theoretical peak is printed: clock speed and the number of FMA / matrix units per core are not "
+             "in the CPU flags (an EPYC's AVX-512 runs on 256-bit or 512-bit data paths depending on the "
+             "generation), so only measured rates are claimed."),
             "",
-            (f"Limit = dense GEMM rate {rate:.1f} GFLOP/s (float32 `torch.matmul` "
-            f"{big}x{width} @ {width}x{hidden}, the MLP fc1 of batch 16 at 224 px) / analytic GFLOP per image. "
-            "The last column of section 1 uses instead the rate of the fc1 GEMM at that batch and input size "
-            "(batch x N rows), i.e. how far the encoder is from its own biggest GEMM."),
-            "",
-            "GEMM rates measured in this run (median):",
+            "FLOPs per image: analytic formula vs `torch.utils.flop_counter.FlopCounterMode`:",
             "",
         ]
-        lines += markdown_table(
-            ["GEMM", "shape (batch, m, k, n)", "GFLOP/s", "ms each", "runs"],
-            [[g.label, "x".join(map(str, g.shape)), f"{g.gflops:.1f}", f"{g.seconds * 1e3:.2f}", g.runs]
-             for g in gemms],
-        )
-        lines += ["", f"While sections 1-2 ran, {monitor.others()}."]
-        lines += ["", "FLOPs per image: analytic formula vs `torch.utils.flop_counter.FlopCounterMode`:", ""]
-        seen = set()
-        flop_rows = []
-        for r in results:
-            key = (r.preset, r.size)
-            if key in seen:
-                continue
-            seen.add(key)
-            parts = backbone_flops(encoders[r.preset].backbone, (r.size, r.size), r.blocks)
-            flop_rows.append([
-                r.preset, f"{r.blocks}/{r.depth}", r.size, parts["tokens"], f"{parts['patch_embed'] / 1e9:.3f}",
-                f"{parts['per_block'] / 1e9:.3f}", f"{parts['attention'] / parts['per_block']:.0%}",
-                f"{r.gflop_analytic:.3f}", f"{r.gflop_counted:.3f}",
-                f"{(r.gflop_counted - r.gflop_analytic) / r.gflop_analytic:+.2%}",
-            ])
+        counted = counted_flops(encoder.backbone, (224, 224), blocks) / 1e9
+        parts = backbone_flops(encoder.backbone, (224, 224), blocks)
         lines += markdown_table(
             ["encoder", "blocks", "input px", "tokens N", "patch embed GFLOP", "GFLOP/block", "attention share",
              "analytic GFLOP", "FlopCounterMode GFLOP", "difference"],
-            flop_rows,
+            [[DEFAULT_PRESET, f"{blocks}/{encoder.backbone.depth}", 224, parts["tokens"],
+              f"{parts['patch_embed'] / 1e9:.3f}", f"{parts['per_block'] / 1e9:.3f}",
+              f"{parts['attention'] / parts['per_block']:.0%}", f"{gflop:.3f}", f"{counted:.3f}",
+              f"{(counted - gflop) / gflop:+.2%}"]],
         )
-        lines += [
-            "",
-            ("Per block: qkv 2·3NC² + attention 2·2N²C + proj 2NC² + MLP 2·2NC·4C = 2(12NC² + 2N²C); patch "
-            "embedding 2·P·C·3·14²; LayerNorm/GELU/softmax/bias not counted. FlopCounterMode has no formula "
-            "for the CPU fused attention op in this torch, so it is mapped to torch's own SDPA formula."),
-            "",
-        ]
-
-    # -- 3: cvgl index end to end ----------------------------------------------------------------
-    if "index" in config.sections:
-        log("cvgl index on Longmont WV3")
+        # -- fidelity --------------------------------------------------------------------------------
+        log("descriptor fidelity on real tiles")
         monitor.restart()
-        if ref_rate is None:
-            encoder = encoders.get(DEFAULT_PRESET) or create_encoder(DEFAULT_PRESET, config.weights)
-            seconds, _ = time_encoder(encoder, 224, 16, config.min_runs)
-            ref_rate = 16 / seconds
-        res = index_run(config.weights)
-        build_rate = res.tiles / res.build_s
-        rows = [
-            ["read tiles only (`iter_tiles`, median of 3 passes)", res.tiles, f"{res.read_s:.2f}",
-             f"{res.tiles / res.read_s:.1f}", "-"],
-            ["`Encoder.encode` on the tiles in memory (PIL->tensor + forward, batch 16)", res.tiles,
-             f"{res.encode_s:.2f}", f"{res.tiles / res.encode_s:.2f}", f"{res.tiles / res.encode_s / ref_rate:.0%}"],
-            ["`build_index` (read + encode + alignment + write to a temp dir)", res.tiles, f"{res.build_s:.2f}",
-             f"{build_rate:.2f}", f"{build_rate / ref_rate:.0%}"],
-        ]
-        if res.cli_s is not None:
-            rows.append(["`cvgl index` command (subprocess: Python start, imports, model load, build)", res.tiles,
-                         f"{res.cli_s:.2f}", f"{res.tiles / res.cli_s:.2f}", f"{res.tiles / res.cli_s / ref_rate:.0%}"])
-        rows.append(["pure encoder `forward`, batch 16, 224 px (section 1, this run)", "-", "-", f"{ref_rate:.2f}",
-                     "100%"])
-        lines += [
-            "### 3. `cvgl index` end to end (Longmont WV3, 112 m tiles, stride 56 m, 0.5 m GSD, default encoder)",
-            "",
-        ]
-        lines += markdown_table(["stage", "tiles", "seconds", "tiles/s", "vs pure encoder (batch 16, 224 px)"], rows)
+        references, queries = real_tile_pairs(config.fidelity_tiles)
         lines += [
             "",
-            (f"Model load in-process (`create_encoder`, weights already converted and cached): {res.load_s:.2f} s. "
-            f"While section 3 ran, {monitor.others()}."),
+            f"### 3. Descriptor fidelity on real tiles ({len(references)} WV3 tiles + the {len(queries)} "
+            "co-registered WV2 tiles as queries)",
+            "",
+            ("Cosine of each variant's descriptor to eager fp32's for the same image; top-1 agreement = the "
+             "share of queries whose best tile is the one eager fp32 finds, with the variant's queries against "
+             "the fp32 index (mixed: the index identity does not include precision or runtime) and against an "
+             "index built with the same variant; R@1 = the best tile is the co-registered one (cross-sensor)."),
             "",
         ]
+        lines += markdown_table(["variant", "descriptors", "cosine mean", "cosine min",
+                                 "top-1 = fp32's (vs fp32 index)", "top-1 = fp32's (own index)", "R@1"],
+                                fidelity_rows(encoders, references, queries))
+        lines += ["", f"While section 3 ran, {monitor.others()}.", ""]
+        # -- auto choice + OpenMP wait policy ----------------------------------------------------------
+        log("auto choice, OpenMP wait policy")
+        monitor.restart()
+        auto = create_encoder(DEFAULT_PRESET, config.weights, precision="auto", runtime="auto")
+        record = {k: v for k, v in runtime.read_choices().items()}
+        lines += ["### 4. What `auto` chooses here, and the OpenMP wait policy", ""]
+        lines += [(f"`--precision auto --runtime auto` -> **{auto.describe()}** (precision from the CPU flags "
+                   f"above; runtime: " + ("torch, OpenVINO not installed" if not runtime.openvino_available() else
+                   f"measured once and recorded in `{runtime.CHOICE_FILE}` under the cvgl cache, then read on "
+                   "every start") + ")."), ""]
+        if record:
+            lines += markdown_table(
+                ["recorded for", "threads", "precision", "torch s/batch of 4", "OpenVINO s/batch of 4", "choice"],
+                [[r.get("cpu", "?"), r.get("threads", "?"), r.get("precision", "?"),
+                  f"{r['torch_s']:.3f}" if "torch_s" in r else "-", f"{r['openvino_s']:.3f}" if "openvino_s" in r else "-",
+                  r.get("runtime", "?") + (f" ({r['reason']})" if "reason" in r else "")]
+                 for r in record.values() if isinstance(r, dict)])
+            lines += [""]
+        policy = wait_policy_seconds(DEFAULT_PRESET, config.weights, max(3, config.rounds // 2))
+        lines += [("fp32 eager, 2 threads, fresh process per policy (median s/batch): "
+                   + "; ".join(f"`OMP_WAIT_POLICY={name}`: batch 1 {v['1']:.3f} s, batch 16 {v['16']:.3f} s"
+                               for name, v in policy.items())
+                   + f". While this ran, {monitor.others()}."), ""]
+        del auto
 
-    lines += [f"Total run time: {time.perf_counter() - started:.0f} s.", ""]
+    with tempfile.TemporaryDirectory(prefix="cvgl-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        # -- cvgl index end to end ---------------------------------------------------------------------
+        if "index" in config.sections or "locate" in config.sections:
+            log("cvgl index on Longmont WV3")
+            monitor.restart()
+            index_encoders = {k: v for k, v in encoders.items() if k in (REFERENCE, f"{auto_precision} on torch")}
+            res = index_run(tmp, index_encoders or {REFERENCE: create_encoder(DEFAULT_PRESET, config.weights)},
+                            config.weights, cli="index" in config.sections)
+        if "index" in config.sections:
+            if reference_rate is None:
+                reference_rate = 16 / median_seconds(lambda: encoders[REFERENCE](torch.rand(16, 3, 224, 224)), 3)[0]
+            rows = [["read tiles only (`iter_tiles`, median of 3 passes)", "-", res.tiles, f"{res.read_s:.2f}",
+                     f"{res.tiles / res.read_s:.1f}", "-"]]
+            for label in res.build_s:
+                rows.append(["`build_index` (read + encode + alignment + write to a temp dir)", label, res.tiles,
+                             f"{res.build_s[label]:.2f}", f"{res.tiles / res.build_s[label]:.2f}",
+                             _ratio(res.build_s[REFERENCE], res.build_s[label])])
+            if res.cli_s is not None:
+                rows.append(["`cvgl index` command as it is today (subprocess: start, imports, model load, build)",
+                             REFERENCE, res.tiles, f"{res.cli_s:.2f}", f"{res.tiles / res.cli_s:.2f}",
+                             _ratio(res.build_s[REFERENCE], res.cli_s)])
+            rows.append([f"pure encoder `forward`, batch 16, {max(config.threads)} threads (section 1)", REFERENCE,
+                         "-", "-", f"{reference_rate:.2f}", "-"])
+            lines += [
+                "### 5. `cvgl index` end to end (Longmont WV3, 112 m tiles, stride 56 m, 0.5 m GSD, default encoder)",
+                "",
+            ]
+            lines += markdown_table(["stage", "computed as", "tiles", "seconds", "tiles/s", "speed vs fp32 on torch"],
+                                    rows)
+            lines += [
+                "",
+                (f"Threads: torch's default ({default_threads}). Start-up: a fresh Python importing `cvgl.cli` "
+                 f"{res.import_s:.2f} s; model load in-process (`create_encoder`, weights already converted and "
+                 f"cached) {res.load_s:.2f} s. While section 5 ran, {monitor.others()}."),
+                "",
+            ]
+        # -- one-photo locate ------------------------------------------------------------------------
+        if "locate" in config.sections:
+            log("one-photo locate (12 MP JPEG, heading unknown)")
+            monitor.restart()
+            photo, (lat, lon) = make_large_photo(tmp)
+            index_dir = tmp / "index"
+            runs = [
+                locate_stages(index_dir, photo, False, "fp32", "torch", config.weights,
+                              "today: full decode, full-size hypotheses, fp32 on torch", tmp),
+                locate_stages(index_dir, photo, True, "fp32", "torch", config.weights,
+                              "sized: draft decode + hypotheses at model size, fp32 on torch", tmp),
+                locate_stages(index_dir, photo, True, "auto", "auto", config.weights,
+                              "sized + `--precision auto --runtime auto`", tmp),
+                locate_stages(index_dir, photo, True, "auto", "auto", config.weights,
+                              "same, `HYPOTHESIS_OVERSAMPLE` = 3 (proposed; preprocess.py has 2)", tmp, 3.0),
+            ]
+            cli_s = None
+            try:
+                # --refine off: with verification on, this 12 MP photo drove the process to ~16 GB
+                # (killed by the kernel's OOM killer on a 24 GB machine); see the section's note.
+                cli_s = cli_locate_seconds(index_dir, photo, config.weights, tmp, ["--refine", "off"])
+            except Exception as exc:  # noqa: BLE001 - reported in the section, not fatal to the benchmark
+                cli_error = " ".join(str(exc).split())[:200]
+            names = list(runs[0].stages)
+            rows = []
+            for r in runs:
+                total = sum(r.stages.values())
+                cos = np.sum(_unit(r.desc) * _unit(runs[0].desc), 1)
+                rows.append([r.label, r.info["computed"], *[f"{r.stages[n]:.2f}" for n in names], f"{total:.2f}",
+                             f"{r.wall_s:.2f}", "x".join(map(str, r.info["decoded"])),
+                             f"{r.info['hypotheses']} x {'x'.join(map(str, r.info['hypothesis_px']))}",
+                             f"{cos.mean():.5f} / {cos.min():.5f}",
+                             "same" if r.info["top1"] == runs[0].info["top1"] else "DIFFERENT"])
+            from cvgl.geo import geodesic_distance_m
+
+            error_m = geodesic_distance_m(lat, lon, *runs[0].info["top1_latlon"])
+            lines += [
+                f"### 6. One-photo `cvgl locate`: a 12 MP JPEG ({PHOTO_HW[1]}x{PHOTO_HW[0]}), heading unknown "
+                "(16 rotations), altitude unknown",
+                "",
+                ("Each row is a fresh process (what a one-photo command pays), stage by stage, seconds; "
+                 "'process wall' includes Python's own start. Cosine = each hypothesis descriptor against the "
+                 "'today' row's (same heading), mean / min; top-1 = the best tile compared with 'today'."),
+                "",
+            ]
+            lines += markdown_table(["path", "computed as", *names, "sum of stages", "process wall", "decoded px",
+                                     "hypotheses", "cosine to today", "top-1"], rows)
+            lines += [
+                "",
+                (f"`cvgl locate INDEX photo.jpg --json FILE --refine off` as the CLI is today (full decode, "
+                 f"full-size hypotheses, fp32 on torch): **{cli_s:.2f} s** wall. With the default `--refine auto` "
+                 "this photo is not timed: in a trial run the verification stage grew the process to ~16 GB "
+                 "resident and the kernel killed it (24 GB machine)." if cli_s is not None else
+                 f"`cvgl locate` could not be timed: {cli_error}."),
+                (f"The 'today' top-1 tile is {error_m:.0f} m from the photo's true centre. "
+                 f"While section 6 ran, {monitor.others()}."),
+                "",
+            ]
+
+    lines += [f"Total run time: {time.perf_counter() - started:.0f} s; load average at the end: "
+              + ", ".join(f"{x:.2f}" for x in os.getloadavg()) + ".", ""]
     return "\n".join(lines)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m cvgl.bench.throughput", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here (atomically)")
-    parser.add_argument("--quick", action="store_true", help="smoke test: 224 px only, >= 3 runs")
-    parser.add_argument("--sections", default="encoder,index", help="subset of encoder,index")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 3 rounds, 32 fidelity tiles")
+    parser.add_argument("--sections", default="encoder,index,locate", help="subset of encoder,index,locate")
     parser.add_argument("--weights", default="embedded", help="encoder weights (embedded | PATH | random:<arch>)")
     return parser.parse_args(argv)
 
@@ -517,10 +841,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     config = Config(weights=args.weights, sections=tuple(s.strip() for s in args.sections.split(",") if s.strip()))
     if args.quick:
-        config.sizes, config.min_runs = (224,), 3
-    unknown = set(config.sections) - {"encoder", "index"}
+        config.rounds, config.min_runs, config.fidelity_tiles = 3, 3, 32
+    unknown = set(config.sections) - {"encoder", "index", "locate"}
     if unknown:
-        raise SystemExit(f"unknown section(s) {sorted(unknown)}; choose from encoder,index")
+        raise SystemExit(f"unknown section(s) {sorted(unknown)}; choose from encoder,index,locate")
 
     text = run(config, argv, log)
     return emit_section(text, args.out)

@@ -119,23 +119,37 @@ class DinoV2(VisionTransformer):
 
 
 def build_backbone(arch: str, state_dict: dict[str, torch.Tensor] | None = None) -> DinoV2:
-    """Construct ``arch`` and load a timm-layout state dict (random init when None)."""
-    model = DinoV2(**arch_kwargs(arch))
-    if state_dict is not None:
-        state = dict(state_dict)
-        expected = model.pos_embed.shape
-        if state["pos_embed"].shape != expected:
-            # Keep the checkpoint's native grid: rebuild with its size instead of resampling.
-            n_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
-            side = int(round((state["pos_embed"].shape[1] - n_prefix) ** 0.5))
-            model = DinoV2(**{**arch_kwargs(arch), "img_size": side * PATCH})
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise WeightsError(
-                f"weights do not fit {arch}: missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}"
-            )
-    model.eval()
-    return model
+    """Construct ``arch`` and load a timm-layout state dict (random init when None).
+
+    With a state dict the model is built on the ``meta`` device (shapes only: timm's random
+    initialisation of every weight, seconds for a ViT-S, is skipped) and the checkpoint's tensors
+    are assigned as its parameters, as float32; any parameter the checkpoint does not provide is
+    refused, so no weight can stay uninitialised.
+    """
+    if state_dict is None:
+        return DinoV2(**arch_kwargs(arch)).eval()
+    # Own, contiguous float32 copies: the parameters must not alias the caller's tensors, and
+    # must have the memory layout ``load_state_dict``'s copy gave them (same kernels, same bits).
+    state = {k: (v.to(torch.float32) if v.is_floating_point() else v).contiguous().clone()
+             for k, v in state_dict.items()}
+    kwargs = arch_kwargs(arch)
+    with torch.device("meta"):
+        model = DinoV2(**kwargs)
+    if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
+        # Keep the checkpoint's native grid: rebuild with its size instead of resampling.
+        n_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+        side = int(round((state["pos_embed"].shape[1] - n_prefix) ** 0.5))
+        with torch.device("meta"):
+            model = DinoV2(**{**kwargs, "img_size": side * PATCH})
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise WeightsError(
+            f"weights do not fit {arch}: missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}"
+        )
+    empty = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if empty:
+        raise WeightsError(f"weights do not fit {arch}: no values for {empty[:4]}")
+    return model.eval()
 
 
 __all__ = ["DinoV2", "LayerTokens", "build_backbone", "arch_kwargs", "PATCH"]

@@ -22,7 +22,13 @@ from cvgl.models.gengeo import encoder_from_model, load_trained
 from cvgl.models.heads import PoolingHead
 from cvgl.models.identity import EncoderIdentity
 from cvgl.models.presets import DEFAULT_PRESET, EncoderPreset, HeadConfig, get_preset
-from cvgl.models.weights import PretrainedCfg, WeightsSource, load_weights, state_dict_sha256
+from cvgl.models.runtime import check_request, configure
+from cvgl.models.weights import (
+    PretrainedCfg,
+    WeightsSource,
+    load_weights,
+    state_dict_sha256,
+)
 
 
 def head_to_dict(head: HeadConfig) -> dict:
@@ -53,6 +59,9 @@ def create_encoder(
     weights: str | WeightsSource = "embedded",
     input_size: tuple[int, int] | None = None,
     view: str = "reference",
+    precision: str = "fp32",
+    runtime: str = "torch",
+    device: str = "cpu",
 ) -> Encoder:
     """An encoder from a zero-shot preset (or preset object) and a weights source.
 
@@ -62,11 +71,17 @@ def create_encoder(
     its own head and input sizes: ``preset`` and ``input_size`` are then ignored, and ``view``
     picks the query or reference branch (they differ only with a non-shared head or different
     input sizes).
+
+    ``precision`` (``fp32 | bf16 | auto``) and ``runtime`` (``torch | openvino | auto``) set how
+    it computes (:mod:`cvgl.models.runtime`); the defaults are the plain reference, the CLI asks
+    for ``auto``. Neither is part of the identity: descriptors stay comparable across them.
     """
+    check_request(precision, runtime, device)  # a missing runtime is one line before any weights load
     source = WeightsSource.parse(weights)
     if source.kind == "trained":
         model, digest, name = load_trained(source.value)
-        return encoder_from_model(model, view, digest, name, source.value).eval()
+        encoder = encoder_from_model(model, view, digest, name, source.value).eval()
+        return configure(encoder, precision, runtime, device)
     spec = get_preset(preset) if isinstance(preset, str) else preset
     cfg = PretrainedCfg(source, tuple(input_size or spec.input_size))
     backbone, arch, weights_hash = load_backbone(source)
@@ -80,9 +95,10 @@ def create_encoder(
         head=head_to_dict(spec.head),
     )
     try:
-        return Encoder(backbone, PoolingHead(spec.head), cfg, identity)
+        encoder = Encoder(backbone, PoolingHead(spec.head), cfg, identity)
     except ValueError as exc:
         raise WeightsError(f"encoder '{spec.name}' does not fit {arch}: {exc}") from None
+    return configure(encoder, precision, runtime, device)
 
 
 @dataclass(frozen=True)
@@ -98,20 +114,23 @@ class EncoderRecipe:
     input_size: tuple[int, int] | None = None
     view: str = "reference"
     rng_state: bytes | None = None
+    precision: str = "fp32"
+    runtime: str = "torch"
 
     @classmethod
     def capture(cls, preset: str, weights: str = "embedded", input_size: tuple[int, int] | None = None,
-                view: str = "reference") -> EncoderRecipe:
+                view: str = "reference", precision: str = "fp32", runtime: str = "torch") -> EncoderRecipe:
         random = WeightsSource.parse(weights).kind == "random"
         state = torch.get_rng_state().numpy().tobytes() if random else None
-        return cls(preset, str(weights), None if input_size is None else tuple(input_size), view, state)
+        return cls(preset, str(weights), None if input_size is None else tuple(input_size), view, state, precision, runtime)
 
     def build(self) -> Encoder:
+        settings = dict(precision=self.precision, runtime=self.runtime)
         if self.rng_state is None:
-            return create_encoder(self.preset, self.weights, self.input_size, self.view)
+            return create_encoder(self.preset, self.weights, self.input_size, self.view, **settings)
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(torch.frombuffer(bytearray(self.rng_state), dtype=torch.uint8))
-            return create_encoder(self.preset, self.weights, self.input_size, self.view)
+            return create_encoder(self.preset, self.weights, self.input_size, self.view, **settings)
 
 
 def _tensor_hash(module: nn.Module) -> str:
