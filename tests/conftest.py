@@ -6,6 +6,7 @@ import os
 import warnings
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import rasterio
@@ -109,3 +110,19 @@ def one_faiss_thread():
     faiss.omp_set_num_threads(1)
     yield
     faiss.omp_set_num_threads(before)
+
+
+def textured_ground(seed: int, size: int = 384) -> np.ndarray:
+    """An aerial-looking uint8 RGB image: smooth albedo, rectangles (roofs), lines (roads)."""
+    rng = np.random.default_rng(seed)
+    base = cv2.resize(rng.uniform(60, 190, (size // 16, size // 16)).astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC)
+    img = base + rng.normal(0, 6, (size, size)).astype(np.float32)
+    for _ in range(size // 3):
+        x, y = rng.integers(0, size, 2)
+        w, h = rng.integers(4, 22, 2)
+        cv2.rectangle(img, (int(x), int(y)), (int(x + w), int(y + h)), float(rng.uniform(0, 255)), -1)
+    for _ in range(size // 40):
+        p, q = rng.integers(0, size, 2), rng.integers(0, size, 2)
+        cv2.line(img, (int(p[0]), int(p[1])), (int(q[0]), int(q[1])), float(rng.uniform(0, 255)), int(rng.integers(2, 6)))
+    img = cv2.GaussianBlur(np.clip(img, 0, 255), (3, 3), 0.8).astype(np.uint8)
+    return np.repeat(img[..., None], 3, axis=2)

@@ -13,11 +13,14 @@ which records the camera) uses it.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from cvgl.confidence import ConfidenceModel, shipped_model
+from cvgl.errors import InputError
 from cvgl.geo import from_latlon, geodesic_distance_m, offset_latlon
 from cvgl.index.search import ranked_tiles
 from cvgl.index.store import ReferenceIndex
@@ -85,6 +88,8 @@ class Answer:
     verification: dict | None = None
     truth: Truth | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    # The numbers the confidence was computed from (cvgl.confidence); not published.
+    evidence: dict[str, float] = field(default_factory=dict)
 
     @property
     def confidence_radius_m(self) -> float:
@@ -195,6 +200,81 @@ def answer_from_scores(
         result.camera = (float(camera[0]), float(camera[1]))
     result.truth = truth_of(query, camera)
     return result
+
+
+def apply_verification(result: Answer, refined, query: PreparedQuery, crs: str | None) -> None:
+    """Put a verification result (:class:`cvgl.verify.refine.RefineResult`) into the answer.
+
+    Always: the ``verification`` record (what was tried and how strong the best fit was). When a
+    candidate verified: its metric position, footprint and continuous heading replace the
+    retrieval answer, the top-k evidence is re-ranked (verified tiles first, by inliers), and the
+    uncertainty radius is the verified one."""
+    strongest = refined.strongest()
+    result.verification = {
+        "verified": refined.verified,
+        "matcher": refined.matcher,
+        "tile_id": strongest.extras.get("tile_id") if strongest else None,
+        "inliers": int(strongest.inliers) if strongest and strongest.plausible else 0,
+        "inlier_ratio": float(strongest.inlier_ratio) if strongest and strongest.plausible else 0.0,
+        "reprojection_error_px": strongest.reprojection_error_px if strongest and strongest.plausible else None,
+        "candidates": refined.candidates,
+    }  # no timing: an answer depends only on the photo, the index, the model and the options
+    best = refined.best
+    if best is None:
+        return
+    set_position(result, best.lat, best.lon, crs)
+    result.position_source = "verified"
+    result.uncertainty_m = float(best.uncertainty_m)
+    result.heading_deg = float(best.heading_deg) % 360.0
+    result.heading_source = "verified"
+    result.footprint = [(float(a), float(o)) for a, o in best.footprint_latlon]
+    order = {r.extras.get("tile_id"): i for i, r in enumerate(refined.records)}
+    result.top_k = sorted(result.top_k, key=lambda c: order.get(c.tile_id, len(order)))
+    pitch = refined.pitch_deg if refined.pitch_deg is not None else query.pitch_deg
+    camera = (result.lat, result.lon)
+    if pitch > 1.0 and query.altitude_m is not None:
+        ahead = query.altitude_m * math.tan(math.radians(pitch))
+        back = math.radians(result.heading_deg)
+        camera = offset_latlon(result.lat, result.lon, -ahead * math.sin(back), -ahead * math.cos(back))
+        result.camera = (float(camera[0]), float(camera[1]))
+    else:
+        result.camera = None
+    truth = truth_of(query, (float(camera[0]), float(camera[1])))
+    if truth is not None and result.truth is not None:  # keep a truth centre a caller supplied
+        truth = Truth(truth.lat, truth.lon, truth.error_m, result.truth.center_lat, result.truth.center_lon)
+    result.truth = truth
+
+
+RETRIEVAL_MODEL = "retrieval-v1"  # shipped confidence model when verification did not run
+REFINED_MODEL = "refined-v1"  # ... and when it ran (verified or not)
+
+
+@functools.lru_cache(maxsize=None)
+def _model(name: str) -> ConfidenceModel | None:
+    try:
+        return shipped_model(name)
+    except InputError:
+        return None
+
+
+def finalise_confidence(result: Answer, evidence: dict[str, float]) -> None:
+    """Turn the evidence into the shipped calibrated confidence, and call a photo ``not_found``
+    when that confidence is below the model's threshold and nothing verified.
+
+    Without a shipped model (before ``cvgl bench confidence --fit`` has made one) the softmax
+    mass stays, named as uncalibrated."""
+    result.evidence = dict(evidence)
+    model = _model(REFINED_MODEL if "verified" in evidence else RETRIEVAL_MODEL)
+    if model is None:
+        return
+    p = model.probability(evidence)
+    result.confidence = p
+    result.confidence_model = model.name
+    if model.says_not_found(p, result.position_source == "verified"):
+        threshold = float(model.fitted_on["not_found_below"])
+        result.status = "not_found"
+        result.reason = (f"weak evidence (confidence {p:.2f} < {threshold:.2f}): the photo probably shows "
+                         "ground that is not in this index; the best guess is given")
 
 
 def set_position(result: Answer, lat: float, lon: float, crs: str | None) -> None:

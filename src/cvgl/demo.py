@@ -4,8 +4,9 @@
 2. make drone photos from the WV2 scene (another sensor and date): random position and yaw,
    nadir and oblique pitch, scale jitter; half carry a noisy compass heading, half none; truth
    written into EXIF GPS + DJI XMP like a real drone;
-3. ``locate`` them exactly as a user would (from the JPEG files), print R@1/5/10 and errors;
-4. write ``results.json``, ``map.html`` and ``grid.png``.
+3. ``locate`` them exactly as a user would (from the JPEG files, retrieval then geometric
+   verification of the top 10), print R@1/5/10 (retrieval), errors and the share verified;
+4. write ``results.jsonl`` (one answer per photo), ``summary.json``, ``map.html`` and ``grid.png``.
 """
 
 from __future__ import annotations
@@ -94,18 +95,20 @@ def summarize_demo(results: list[dict], radius_m: float) -> dict:
             **{f"R@{key}": float(value) for key, value in recall.items()},
             "median_error_m": float(np.median(errors)),
             "within_50m": float((errors <= 50).mean()),
+            "within_5m": float((errors <= 5).mean()),
+            "verified": float(np.mean([bool((r.get("verification") or {}).get("verified")) for r in rows])),
             "mean_confidence": float(np.mean([r["confidence"] for r in rows])),
         }
     return table
 
 
 def print_table(table: dict) -> None:
-    print(f"\n{'family':<20}{'n':>4}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'med err m':>11}{'<=50m':>7}{'conf':>7}")
+    print(f"\n{'family':<20}{'n':>4}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'med err m':>11}{'<=50m':>7}{'<=5m':>7}{'verified':>10}{'conf':>7}")
     for family, row in table.items():
         print(
             f"{family:<20}{row['n']:>4}{row.get('R@1', float('nan')):>7.2f}{row.get('R@5', float('nan')):>7.2f}"
             f"{row.get('R@10', float('nan')):>7.2f}{row['median_error_m']:>11.1f}{row['within_50m']:>7.2f}"
-            f"{row['mean_confidence']:>7.2f}"
+            f"{row['within_5m']:>7.2f}{row['verified']:>10.2f}{row['mean_confidence']:>7.2f}"
         )
     print()
 

@@ -23,8 +23,9 @@ from cvgl.data.geometry import (
     rectify_tilt,
     rotate_image,
     scale_image,
+    tilt_homography,
 )
-from cvgl.data.images import load_photo
+from cvgl.data.images import load_photo, open_image
 from cvgl.data.metadata import CameraMetadata, read_camera_metadata
 from cvgl.data.views import VIEWS
 from cvgl.errors import InputError
@@ -35,6 +36,13 @@ MIN_SIDE_PX = 28  # two patches: anything smaller carries no usable evidence
 MAX_ROTATIONS = 360  # 1 degree apart: finer than a ViT patch descriptor can tell apart
 MAX_SCALES = 16
 MAX_HEADING_TOLERANCE_DEG = 180.0  # +-180 already covers every heading
+#: With ``QueryOptions.model_size``, the photo is decoded and downscaled so its hypotheses are this
+#: many times the encoder's input side (not the photo's 3000+ px), before any warp or rotation: the
+#: encoder's own antialiased resize then sees nearly the pixels a full-resolution warp would give
+#: (hypothesis descriptor cosine 0.99998 on a real 12 MP photo at 3x, 0.998 at 2x: `cvgl bench throughput`).
+HYPOTHESIS_OVERSAMPLE = 3.0
+#: The longest side of the photo handed to local-feature matching when its ground scale is unknown.
+MATCH_MAX_SIDE = 1024
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,9 @@ class QueryOptions:
     heading_tolerance_deg: float = 0.0  # > 0: also try heading +- this when the heading is known
     pad_to_tile: bool = True  # photo smaller than a tile: pad (keep scale) rather than zoom
     scales: tuple[float, ...] = (1.0,)  # crop-size hypotheses when the altitude is unknown
+    # The encoder's input (height, width): decode and warp at the size the hypotheses need
+    # (HYPOTHESIS_OVERSAMPLE x this), not at the photo's own; None: at full resolution.
+    model_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.view not in VIEWS:
@@ -109,6 +120,7 @@ class MatchView:
     pitch_known: bool  # False: the photo may be oblique although it was not rectified
     heading_deg: float | None  # known heading (flag/metadata), None when searched
     hfov_deg: float  # horizontal field of view of the original photo's width
+    corners_px: np.ndarray | None = None  # the original photo's corners (TL, TR, BR, BL) in ``image``
 
 
 def _known(flag: float | None, meta_value: float | None) -> tuple[float | None, str]:
@@ -144,9 +156,57 @@ def content_problem(image: np.ndarray) -> str | None:
 def prepare_query(
     path: Path, options: QueryOptions, tile_m: float | None, gsd_m: float | None
 ) -> PreparedQuery:
-    """Load a photo and turn it into the reference's geometry (or hypotheses of it)."""
-    image = np.asarray(load_photo(path))  # the photo rules (formats, animation) the service applies too
-    return prepare_image(image, read_camera_metadata(path), path, options, tile_m, gsd_m)
+    """Load a photo and turn it into the reference's geometry (or hypotheses of it).
+
+    With ``options.model_size`` a large JPEG is decoded at a reduced DCT scale, no smaller than
+    :func:`hypothesis_side` needs (from the header and the camera metadata)."""
+    meta, min_side = None, None
+    if options.model_size is not None:
+        size = _header_size(path)  # None: unreadable header; load_photo says why
+        if size is not None:
+            meta = read_camera_metadata(path)
+            min_side = hypothesis_side((size[1], size[0]), options, meta, tile_m, gsd_m)
+    image = np.asarray(load_photo(path, min_side))  # the photo rules (formats, animation) the service applies too
+    return prepare_image(image, meta if meta is not None else read_camera_metadata(path), path, options, tile_m, gsd_m)
+
+
+def _header_size(path: Path) -> tuple[int, int] | None:
+    try:
+        with open_image(path) as img:
+            return img.size
+    except InputError:
+        return None
+
+
+def hypothesis_side(
+    shape_hw: tuple[int, int], options: QueryOptions, meta: CameraMetadata, tile_m: float | None, gsd_m: float | None
+) -> int | None:
+    """The short side (px) a photo of ``shape_hw`` needs for hypotheses at ``options.model_size``,
+    or None when it needs all it has (or no model size is given).
+
+    Without altitude, a crop of ``scale`` x the short side is resized to the model input, so the
+    short side needs ``HYPOTHESIS_OVERSAMPLE x model side / min(scales)``. With altitude, the photo
+    is scaled to the index GSD: it needs ``HYPOTHESIS_OVERSAMPLE x`` that canvas (the ground the
+    long side covers, ``2 slant tan(hfov_long / 2)``, does not depend on the orientation). Street
+    and aerial photos are resized whole, so their short side needs ``HYPOTHESIS_OVERSAMPLE x`` the
+    model's longer side (either orientation)."""
+    if options.model_size is None:
+        return None
+    short, long = min(shape_hw), max(shape_hw)
+    model_side = max(options.model_size)
+    need = HYPOTHESIS_OVERSAMPLE * model_side / min(min(options.scales), 1.0)
+    altitude, _ = _known(options.altitude_m, meta.relative_altitude_m)
+    if options.view != "drone":
+        need = HYPOTHESIS_OVERSAMPLE * model_side
+    elif altitude is not None and altitude > 0 and tile_m and gsd_m:
+        pitch = float(_known(options.pitch_deg, meta.pitch_from_nadir_deg)[0] or 0.0)
+        if not 0.0 <= pitch <= MAX_PITCH_DEG:
+            return None  # refused by prepare_image, with its reason
+        hfov_long = options.hfov_deg or hfov_from_focal_35mm(meta.focal_length_35mm, DEFAULT_HFOV_DEG)
+        ground_long_m = altitude / math.cos(math.radians(pitch)) * 2.0 * math.tan(math.radians(hfov_long) / 2.0)
+        need = HYPOTHESIS_OVERSAMPLE * short * ground_long_m / (long * gsd_m)
+    need = max(MIN_SIDE_PX, math.ceil(need))
+    return need if need < short else None
 
 
 def prepare_image(
@@ -160,6 +220,9 @@ def prepare_image(
     problem = content_problem(image)
     if problem:
         raise InputError(f"{path}: {problem}; nothing to match")
+    need = hypothesis_side(image.shape[:2], options, meta, tile_m, gsd_m)
+    if need is not None:  # downscale once, before any warp or rotation
+        image = scale_image(image, need / min(image.shape[:2]))
     if options.view != "drone":
         # Street and aerial photos are used as they are; aerial ones are assumed north-up
         # unless a heading is given.
@@ -179,8 +242,14 @@ def prepare_image(
             f"{path}: camera pitch {pitch:.0f} degrees from nadir (gimbal {pitch - 90:.0f}); only views between "
             f"nadir and {MAX_PITCH_DEG:.0f} degrees can be matched to aerial tiles; use --view street for level shots"
         )
+    # The original photo's corners, followed through rectification and scaling: the footprint a
+    # verified homography reports is the photo's, not the (black-cornered) canvas's.
+    corners = np.array([[0.0, 0.0], [width - 1.0, 0.0], [width - 1.0, height - 1.0], [0.0, height - 1.0]])
     if pitch > 1.0:
         image = rectify_tilt(image, pitch, hfov)
+        back = np.linalg.inv(tilt_homography(width, height, pitch, hfov))
+        mapped = np.c_[corners, np.ones(4)] @ back.T
+        corners = mapped[:, :2] / mapped[:, 2:3]
     altitude, _ = _known(options.altitude_m, meta.relative_altitude_m)
     if altitude is not None and not altitude > 0:
         raise InputError(f"{path}: altitude {altitude:g} m above ground is not positive; pass --altitude")
@@ -199,13 +268,20 @@ def prepare_image(
         _check_rescale(path, image, altitude, photo_gsd, gsd_m, tile_px, n_angles)
         scaled = scale_image(image, photo_gsd / gsd_m)
         photo, at_gsd = scaled, True
+        fx, fy = scaled.shape[1] / image.shape[1], scaled.shape[0] / image.shape[0]
+        corners = (corners + 0.5) * np.array([fx, fy]) - 0.5
         if options.pad_to_tile:
             # A photo covering less ground than a tile is padded, not zoomed: scale is evidence.
             views.append((pad_to(scaled, tile_px), tile_px, 1.0))
         else:
             views.append((scaled, min(tile_px, *scaled.shape[:2]), 1.0))
     else:
-        photo, at_gsd = image, False
+        # Unknown ground scale: match at most MATCH_MAX_SIDE px on the long side (a 12 MP photo at
+        # full size costs a learned matcher gigabytes; the windows it meets are ~450 px).
+        shrink = min(1.0, MATCH_MAX_SIDE / max(image.shape[:2]))
+        photo, at_gsd = (scale_image(image, shrink) if shrink < 1.0 else image), False
+        fx, fy = photo.shape[1] / image.shape[1], photo.shape[0] / image.shape[0]
+        corners = (corners + 0.5) * np.array([fx, fy]) - 0.5
         side = min(height, width)
         check_allocation(
             f"{path}: {n_angles} heading x {len(options.scales)} scale hypotheses of this {width}x{height} px photo",
@@ -228,7 +304,7 @@ def prepare_image(
     ]
     known = None if heading_source == "search" else float(heading)
     return PreparedQuery(str(path), hypotheses, heading_source, pitch, altitude, meta,
-                         MatchView(photo, at_gsd, pitch, bool(pitch_source), known, hfov))
+                         MatchView(photo, at_gsd, pitch, bool(pitch_source), known, hfov, corners))
 
 
 def _check_rescale(path: Path, image: np.ndarray, altitude: float, photo_gsd: float, gsd_m: float,

@@ -79,6 +79,12 @@ class ConfidenceModel:
         logit = float(self.intercept + np.dot(self.coef, x))
         return float(1.0 / (1.0 + math.exp(-max(min(logit, 60.0), -60.0))))
 
+    def says_not_found(self, p: float, verified: bool) -> bool:
+        """The "not in this index" rule: confidence below ``fitted_on["not_found_below"]`` and
+        nothing verified (a verified homography is evidence of the place itself)."""
+        threshold = self.fitted_on.get("not_found_below")
+        return threshold is not None and not verified and p < float(threshold)
+
     def save(self, path: Path) -> Path:
         return write_text_atomic(Path(path), json.dumps(asdict(self), indent=2) + "\n")
 

@@ -70,6 +70,7 @@ from cvgl.index.search import ranked_tiles
 from cvgl.index.store import ReferenceIndex
 from cvgl.locate import LocateOptions, locate_images
 from cvgl.models.encoder import Encoder
+from cvgl.verify.refine import Refiner
 from cvgl.viz.assets import STATIC as VIZ_STATIC
 from cvgl.viz.basemap import (
     THUMBNAIL_PX,
@@ -146,6 +147,9 @@ class ServiceState:
         self.tile_png = functools.lru_cache(maxsize=TILE_CACHE)(self._render_png)
         self.tile_jpeg = functools.lru_cache(maxsize=TILE_CACHE)(self._render_jpeg)
         self.row_of = {str(t): i for i, t in enumerate(self.index.tiles["tile_id"])}
+        # One verification stage for the server's life: window features stay cached across requests.
+        self.refiner = Refiner(self.index, self.options.refine) if self.options.refine.enabled else None
+        self.street_reference = None  # street photos' tile products, made on the first street request
 
     def locate(self, data: bytes, suffix: str, name: str, options: LocateOptions) -> tuple[dict, np.ndarray | None]:
         """Run ``locate_images`` on the upload; the answer names ``name``, never the temp file."""
@@ -153,7 +157,14 @@ class ServiceState:
             path = Path(folder) / f"upload{suffix}"  # server-chosen name
             path.write_bytes(data)
             with self.lock:
-                answers, scores, _ = locate_images([path], self.encoder, self.index, options, progress=False)
+                refiner = self.refiner if options.refine == self.options.refine else None
+                if options.query.view == "street" and self.street_reference is None:
+                    from cvgl.street import StreetConfig, StreetReference, TokenExtractor
+
+                    extractor = TokenExtractor.from_encoder(self.encoder, StreetConfig().layer)
+                    self.street_reference = StreetReference(self.index, extractor)
+                answers, scores, _ = locate_images([path], self.encoder, self.index, options, progress=False,
+                                                   refiner=refiner, street_reference=self.street_reference)
         result = answers[0].to_dict()
         result["query"] = name
         if result["status"] == "skipped":
