@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -140,11 +141,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--heading-tolerance", type=_in_range(0.0, MAX_HEADING_TOLERANCE_DEG), default=0.0,
                        help="also try heading +- this (degrees)")
 
+    def refine_args(p: argparse.ArgumentParser) -> None:
+        from cvgl.verify.refine import DEFAULT_MATCHER, REFINE_MODES
+
+        p.add_argument("--refine", default="auto", choices=REFINE_MODES,
+                       help="geometric verification of the top candidates (local features + homography): auto = on, "
+                            "with SIFT when the learned matcher's package is missing; on = the chosen matcher or an error")
+        p.add_argument("--matcher", default=DEFAULT_MATCHER, choices=["aliked-lightglue", "xfeat-lighterglue", "sift"],
+                       help="local-feature matcher of the verification stage")
+        p.add_argument("--refine-k", type=_int_in(1, 100), default=10, help="retrieved tiles verified per photo")
+
     def encoder_args(p: argparse.ArgumentParser, default_preset: str | None) -> None:
         p.add_argument("--encoder", default=default_preset, choices=sorted(PRESETS), help="zero-shot recipe")
         p.add_argument("--weights", default="embedded", help="embedded | PATH (.safetensors/.pth) | hub:<arch>")
         p.add_argument("--input-size", type=_size, default=None, help="H[,W] in pixels, multiples of 14 (None: the preset's, or the index's)")
         p.add_argument("--threads", type=_int_in(1, 1024), default=None, help="torch CPU threads (None: torch's choice)")
+        p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                       help="encoder arithmetic: auto = bf16 for the ViT where the CPU multiplies bf16 natively "
+                            "(AVX512_BF16/AMX) or on CUDA, else fp32; descriptors stay comparable either way")
+        p.add_argument("--runtime", default="torch", choices=["auto", "torch", "openvino"],
+                       help="torch (eager), openvino (compiled once per encoder, cached), or auto = OpenVINO when "
+                            "installed and measured faster on this machine (measured once, recorded in the cache)")
 
     p = sub.add_parser("index", help="encode a GeoTIFF or a tile folder into a reference index")
     p.add_argument("source", type=Path, help="GeoTIFF, or a folder of tiles with tiles.csv (id,lat,lon)")
@@ -182,6 +199,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--near", type=_latlon, default=None, metavar="LAT,LON",
                    help="geographic prior: only consider tiles within --radius-km of this point")
     p.add_argument("--radius-km", type=_in_range(1e-3, 20_000.0), default=None, help="radius of --near, km")
+    refine_args(p)
+    encoder_args(p, None)
+
+    p = sub.add_parser("track", help="locate the frames of one flight together: one answer per frame and the trajectory")
+    p.add_argument("index", type=Path, help="index folder built by cvgl index")
+    p.add_argument("frames", type=Path, nargs="+",
+                   help="the flight's photos or folders of them (ordered by EXIF/XMP time, else file name), or one video file")
+    p.add_argument("--method", default=None, choices=["shape", "particle", "hmm", "independent"],
+                   help="decoder (None: shape offline, particle with --causal)")
+    p.add_argument("--causal", action="store_true", help="use only past frames for each frame (what a drone has in flight)")
+    p.add_argument("--fps", type=_in_range(1e-3, 1000.0), default=1.0, help="video frames per second to locate")
+    p.add_argument("--max-frames", type=_positive_int, default=None, help="stop after this many video frames")
+    p.add_argument("--interval", type=_in_range(1e-3, 3600.0), default=1.0,
+                   help="seconds assumed between stills that carry no capture time")
+    p.add_argument("--max-speed", type=_in_range(0.1, 500.0), default=20.0, help="fastest ground speed of the drone, m/s")
+    p.add_argument("--no-odometry", action="store_true", help="do not register consecutive frames (speed bound only)")
+    p.add_argument("--top-k", type=_positive_int, default=5, help="retrieved tiles reported per frame")
+    p.add_argument("--json", type=Path, default=None, help="write one answer per frame here as JSON Lines (else to stdout)")
+    p.add_argument("--geojson", type=Path, default=None, help="write the trajectory (LineString) and the frames (points) as GeoJSON")
+    p.add_argument("--map", type=Path, default=None, help="write an offline HTML map with the track here")
+    query_args(p)
+    p.add_argument("--query-alignment", type=Path, default=None, metavar="FILE",
+                   help="a query-view alignment saved by cvgl align")
+    p.add_argument("--near", type=_latlon, default=None, metavar="LAT,LON",
+                   help="geographic prior: only consider tiles within --radius-km of this point")
+    p.add_argument("--radius-km", type=_in_range(1e-3, 20_000.0), default=None, help="radius of --near, km")
+    refine_args(p)
     encoder_args(p, None)
 
     p = sub.add_parser("align", help="fit a query-view alignment on unlabelled photos and save it (for --query-alignment)")
@@ -199,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=_in_range(0.01, 1024.0), default=25.0, help="largest accepted photo")
     p.add_argument("--query-alignment", type=Path, default=None, metavar="FILE",
                    help="a query-view alignment saved by cvgl align")
+    refine_args(p)
     encoder_args(p, None)
 
     p = sub.add_parser("bench", help="run benchmarks and write docs/benchmarks.md")
@@ -206,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"), help="markdown file to write")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     p.add_argument("--assemble", action="store_true", help="rebuild --out from the sections kept in bench_out/")
+    p.add_argument("--fit", action="store_true", help="confidence: refit the shipped confidence models into the package")
 
     p = sub.add_parser("train", help="train GenGeo from a YAML config (under torchrun for several processes)")
     p.add_argument("config", type=Path, help="YAML training config (see configs/)")
@@ -232,7 +278,9 @@ def _encoder(args: argparse.Namespace, preset: str, view: str = "reference"):
     from cvgl.models.factory import create_encoder
 
     _started(f"loading the model ({preset}, weights {args.weights})")
-    return create_encoder(preset, args.weights, args.input_size, view=view)
+    encoder = create_encoder(preset, args.weights, args.input_size, view=view, precision=args.precision, runtime=args.runtime)
+    _started(f"encoder computes in {encoder.describe()}")
+    return encoder
 
 
 def _threads(args: argparse.Namespace) -> None:
@@ -257,7 +305,8 @@ def cmd_index(args: argparse.Namespace) -> int:
         import_ray()
         if args.ray != "auto":
             check_reachable(args.ray)
-    recipe = EncoderRecipe.capture(args.encoder, args.weights, args.input_size)  # Ray actors rebuild the same
+    recipe = EncoderRecipe.capture(args.encoder, args.weights, args.input_size, precision=args.precision,
+                                   runtime=args.runtime)  # Ray actors rebuild the same
     _started(f"loading the model ({args.encoder}, weights {args.weights})")
     encoder = recipe.build()
     ray = RayOptions(recipe, args.ray, args.workers) if args.ray else None
@@ -284,12 +333,15 @@ def _index_and_encoder(args: argparse.Namespace):
     return index, encoder
 
 
-def _query_options(args: argparse.Namespace):
+def _query_options(args: argparse.Namespace, encoder):
+    """The photo options of the command line; photos are decoded and warped at the size the
+    encoder needs (``model_size``), not at their own 12 MP."""
     from cvgl.preprocess import QueryOptions
 
     return QueryOptions(
         view=args.view, heading_deg=args.heading, pitch_deg=args.pitch, altitude_m=args.altitude, hfov_deg=args.hfov,
         rotations=args.rotations, scales=args.scales, heading_tolerance_deg=args.heading_tolerance,
+        model_size=encoder.input_size,
     )
 
 
@@ -318,8 +370,8 @@ def cmd_locate(args: argparse.Namespace) -> int:
     check_photos(photos)  # headers, before the model loads
     manifest_index, encoder = _index_and_encoder(args)
     options = LocateOptions(
-        query=_query_options(args), top_k=args.top_k, near=args.near, radius_km=args.radius_km,
-        query_alignment=_saved_alignment(args, manifest_index),
+        query=_query_options(args, encoder), top_k=args.top_k, near=args.near, radius_km=args.radius_km,
+        query_alignment=_saved_alignment(args, manifest_index), refine=_refine_options(args),
     )
     answers, scores, _ = locate_images(photos, encoder, manifest_index, options)
     results = [a.to_dict() for a in answers]
@@ -344,6 +396,79 @@ def cmd_locate(args: argparse.Namespace) -> int:
     return 0 if len(failed) < len(results) else 1
 
 
+def cmd_track(args: argparse.Namespace) -> int:
+    """Frames of one flight -> answers per frame (published schema) and the trajectory."""
+    from dataclasses import replace
+
+    from cvgl.data.images import check_photos
+    from cvgl.io import (
+        check_output_path,
+        dumps_json,
+        write_json_atomic,
+        write_jsonl_atomic,
+    )
+    from cvgl.locate import LocateOptions
+    from cvgl.report import write_visuals
+    from cvgl.track import TrackOptions
+    from cvgl.track.sequence import (
+        SequenceOptions,
+        locate_sequence,
+        map_tracks,
+        print_skipped,
+        sequence_source,
+        still_frames,
+        summary_line,
+        trajectory_geojson,
+        video_frames,
+    )
+
+    if (args.near is None) != (args.radius_km is None):
+        raise CvglError("--near LAT,LON and --radius-km R go together")
+    for flag, path in {"--json": args.json, "--geojson": args.geojson, "--map": args.map}.items():
+        if path is not None:
+            check_output_path(path, flag)  # before minutes of work, not after
+    kind, items = sequence_source(args.frames)
+    order = None
+    if kind == "stills":
+        check_photos(items)  # headers, before the model loads
+        order, frames = still_frames(items, args.interval)
+        if order.note:
+            print(f"cvgl track: {order.note}", file=sys.stderr)
+    else:
+        from cvgl.data.frames import probe_video
+
+        probe_video(items[0])  # a one-line error for an unreadable video, before the model loads
+        frames = video_frames(items[0], args.fps, args.max_frames)
+    index, encoder = _index_and_encoder(args)
+    locate = LocateOptions(
+        query=_query_options(args, encoder), top_k=args.top_k, near=args.near, radius_km=args.radius_km,
+        query_alignment=_saved_alignment(args, index), refine=_refine_options(args),
+    )
+    track = TrackOptions()
+    track = replace(track, motion=replace(track.motion, max_speed_mps=args.max_speed))
+    options = SequenceOptions(locate=locate, track=track, method=args.method, causal=args.causal, odometry=not args.no_odometry)
+    result = locate_sequence(frames, encoder, index, options, order)
+    if args.json:
+        write_jsonl_atomic(args.json, result.answers)
+    else:
+        for answer in result.answers:
+            print(dumps_json(answer))
+    if args.geojson:
+        write_json_atomic(args.geojson, trajectory_geojson(result.answers))
+    if args.map and result.located:
+        scores = [f.scores if f.evidence is not None else None for f in result.frames]
+        write_visuals(result.answers, scores, index, map_path=args.map, tracks=map_tracks(result))
+    failed = print_skipped(result.answers)
+    print(summary_line(result), file=sys.stderr)
+    return 0 if failed < len(result.answers) else 1
+
+
+def _refine_options(args: argparse.Namespace):
+    from cvgl.verify.refine import RefineOptions
+
+    return RefineOptions(mode=args.refine, matcher=args.matcher, top_k=args.refine_k)
+
+
 def _saved_alignment(args: argparse.Namespace, index):
     if args.query_alignment is None:
         return None
@@ -365,7 +490,7 @@ def cmd_align(args: argparse.Namespace) -> int:
     photos = photo_paths(args.images)
     check_photos(photos)  # headers, before the model loads
     index, encoder = _index_and_encoder(args)
-    options = _query_options(args)
+    options = _query_options(args, encoder)
     descriptors, skipped = [], 0
     for path in photos:
         try:
@@ -391,7 +516,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         raise CvglError(f"unknown benchmark {unknown}; choose from {sorted(BENCHMARKS)} or all")
-    print(run_all(names, args.out, args.quick, args.assemble))
+    print(run_all(names, args.out, args.quick, args.assemble, fit=args.fit))
     return 0
 
 
@@ -403,9 +528,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise CvglError(f"cvgl serve needs the serve extra ({exc.name} is missing); pip install -e '.[serve]'") from None
     from cvgl.locate import LocateOptions
+    from cvgl.preprocess import QueryOptions
 
     index, encoder = _index_and_encoder(args)
-    options = LocateOptions(query_alignment=_saved_alignment(args, index))
+    options = LocateOptions(query=QueryOptions(model_size=encoder.input_size), query_alignment=_saved_alignment(args, index),
+                            refine=_refine_options(args))
     app = create_app(index, encoder, max_upload_mb=args.max_upload_mb, options=options)
     print(f"serving {args.index} ({len(index)} tiles) on http://{args.host}:{args.port}/", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -453,9 +580,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before torch loads: OpenMP threads that sleep when idle (spin-waiting on 2 busy cores made a
+    # one-photo forward 15x slower: cvgl bench throughput).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     _threads(args)
-    handlers = {"index": cmd_index, "locate": cmd_locate, "align": cmd_align, "bench": cmd_bench, "demo": cmd_demo, "train": cmd_train, "explain": cmd_explain, "serve": cmd_serve}
+    handlers = {"index": cmd_index, "locate": cmd_locate, "align": cmd_align, "bench": cmd_bench, "demo": cmd_demo, "train": cmd_train, "explain": cmd_explain, "serve": cmd_serve, "track": cmd_track}
     try:
         return handlers[args.command](args)
     except CvglError as exc:

@@ -18,6 +18,10 @@ BENCHMARKS = {
     "longmont": "cvgl.bench.longmont",
     "service": "cvgl.bench.service",
     "ray-index": "cvgl.bench.ray_index",
+    "refine": "cvgl.bench.refine",
+    "street": "cvgl.bench.street",
+    "sequence": "cvgl.bench.sequence",
+    "confidence": "cvgl.bench.confidence",
 }
 SECTIONS = Path("bench_out")
 
@@ -35,7 +39,7 @@ def run_benchmark(name: str, argv: list[str] | None = None) -> str:
     return text
 
 
-def run_all(names: list[str], out: Path | None, quick: bool = False, assemble: bool = False) -> str:
+def run_all(names: list[str], out: Path | None, quick: bool = False, assemble: bool = False, fit: bool = False) -> str:
     """Run ``names`` (or, with ``assemble``, reuse their kept sections) and write ``out``."""
     started = time.time()
     sections = []
@@ -44,7 +48,9 @@ def run_all(names: list[str], out: Path | None, quick: bool = False, assemble: b
             kept = SECTIONS / f"{name}.md"
             sections.append(kept.read_text() if kept.is_file() else "")
             continue
-        argv = ["--quick"] if quick and name in ("throughput", "service", "scale", "ray-index") else []
+        argv = ["--quick"] if quick and name in ("throughput", "service", "scale", "ray-index", "street", "sequence", "refine", "confidence") else []
+        if fit and name == "confidence":
+            argv.append("--fit")
         if quick and name == "longmont":
             argv = ["--per-family", "10", "--fit-per-family", "6", "--grid-queries", "20", "--no-resolution"]
         print(f"== benchmark {name} ==", flush=True)

@@ -270,7 +270,7 @@ def _encoder_tag(encoder) -> str:
     return hashlib.sha1(blob).hexdigest()[:10]
 
 
-def _margin(spec: FlightSpec) -> float:
+def margin(spec: FlightSpec) -> float:
     from cvgl.data.geometry import required_patch_side
 
     gsd = spec.footprint_m * 1.1 * 1.03 / PHOTO_HW[0]
@@ -415,7 +415,7 @@ def prepare_flights(specs: list[FlightSpec], encoder, cache: Path | None = None,
     reference = Reference.build(encoder, cache)
     out = []
     for spec in specs:
-        flight = make_flight(spec, reference.bounds, _margin(spec))
+        flight = make_flight(spec, reference.bounds, margin(spec))
         started = time.perf_counter()
         encoded = encode_flight(flight, encoder, cache)
         log(f"{spec.name}: {len(flight.times_s)} frames, {time.perf_counter() - started:.0f} s")
