@@ -68,7 +68,7 @@ def rich_case() -> dict:
                confidence_radius_m=8.0, heading_source="verified", pitch_deg=40.0, footprint=footprint,
                camera={"lat": float(t[1].lat), "lon": float(t[1].lon)},
                verification={"verified": True, "matcher": "test", "tile_id": "t005", "inliers": 143, "inlier_ratio": 0.6,
-                             "reprojection_error_px": 1.2, "candidates": 3, "seconds": 0.4},
+                             "reprojection_error_px": 1.2, "candidates": 3},
                truth={"lat": float(t[1].lat) + 2e-4, "lon": float(t[1].lon), "center_lat": float(t[5].lat) + 1e-4,
                       "center_lon": float(t[5].lon), "error_m": 22.2}, labels={"family": "oblique-heading"}),
         answer(tiles, "drone/nadir_2.jpg", [12, 13, 16], truth={"lat": float(t[13].lat), "lon": float(t[13].lon), "error_m": 100.0}),

@@ -95,7 +95,9 @@ def locate_images(
         refiner = Refiner(index, options.refine)
     results: list[Answer | Skipped] = []
     all_scores: list[np.ndarray | None] = []
-    for i, (query, desc) in enumerate(zip(prepared, descriptors)):
+    stage = "scoring + verifying" if refiner is not None else "scoring"
+    pairs = tqdm(list(zip(prepared, descriptors)), desc=stage, unit="photo", disable=not progress)
+    for i, (query, desc) in enumerate(pairs):
         if query is None or desc is None:
             results.append(Skipped(str(paths[i]), errors[i]))
             all_scores.append(None)
