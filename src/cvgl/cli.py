@@ -142,14 +142,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also try heading +- this (degrees)")
 
     def refine_args(p: argparse.ArgumentParser) -> None:
-        from cvgl.verify.refine import DEFAULT_MATCHER, REFINE_MODES
+        from cvgl.verify.options import DEFAULT_MATCHER, MATCHERS, REFINE_MODES  # light: no model, no index
 
         p.add_argument("--refine", default="auto", choices=REFINE_MODES,
                        help="geometric verification of the top candidates (local features + homography): auto = on, "
                             "with SIFT when the learned matcher's package is missing; on = the chosen matcher or an error")
-        p.add_argument("--matcher", default=DEFAULT_MATCHER, choices=["aliked-lightglue", "xfeat-lighterglue", "sift"],
+        p.add_argument("--matcher", default=DEFAULT_MATCHER, choices=MATCHERS,
                        help="local-feature matcher of the verification stage")
         p.add_argument("--refine-k", type=_int_in(1, 100), default=10, help="retrieved tiles verified per photo")
+
+    def locate_args(p: argparse.ArgumentParser) -> None:
+        """What locate and track share: the photo, the search prior, the saved alignment, verification, the encoder."""
+        query_args(p)
+        p.add_argument("--query-alignment", type=Path, default=None, metavar="FILE",
+                       help="a query-view alignment saved by cvgl align")
+        p.add_argument("--near", type=_latlon, default=None, metavar="LAT,LON",
+                       help="geographic prior: only consider tiles within --radius-km of this point")
+        p.add_argument("--radius-km", type=_in_range(1e-3, 20_000.0), default=None, help="radius of --near, km")
+        refine_args(p)
+        encoder_args(p, None)
 
     def encoder_args(p: argparse.ArgumentParser, default_preset: str | None) -> None:
         p.add_argument("--encoder", default=default_preset, choices=sorted(PRESETS), help="zero-shot recipe")
@@ -193,14 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", type=Path, default=None, help="write one CSV row per photo")
     p.add_argument("--map", type=Path, default=None, help="write an offline HTML map here")
     p.add_argument("--grid", type=Path, default=None, help="write a PNG retrieval grid here")
-    query_args(p)
-    p.add_argument("--query-alignment", type=Path, default=None, metavar="FILE",
-                   help="a query-view alignment saved by cvgl align")
-    p.add_argument("--near", type=_latlon, default=None, metavar="LAT,LON",
-                   help="geographic prior: only consider tiles within --radius-km of this point")
-    p.add_argument("--radius-km", type=_in_range(1e-3, 20_000.0), default=None, help="radius of --near, km")
-    refine_args(p)
-    encoder_args(p, None)
+    locate_args(p)
 
     p = sub.add_parser("track", help="locate the frames of one flight together: one answer per frame and the trajectory")
     p.add_argument("index", type=Path, help="index folder built by cvgl index")
@@ -219,14 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="write one answer per frame here as JSON Lines (else to stdout)")
     p.add_argument("--geojson", type=Path, default=None, help="write the trajectory (LineString) and the frames (points) as GeoJSON")
     p.add_argument("--map", type=Path, default=None, help="write an offline HTML map with the track here")
-    query_args(p)
-    p.add_argument("--query-alignment", type=Path, default=None, metavar="FILE",
-                   help="a query-view alignment saved by cvgl align")
-    p.add_argument("--near", type=_latlon, default=None, metavar="LAT,LON",
-                   help="geographic prior: only consider tiles within --radius-km of this point")
-    p.add_argument("--radius-km", type=_in_range(1e-3, 20_000.0), default=None, help="radius of --near, km")
-    refine_args(p)
-    encoder_args(p, None)
+    locate_args(p)
 
     p = sub.add_parser("align", help="fit a query-view alignment on unlabelled photos and save it (for --query-alignment)")
     p.add_argument("index", type=Path, help="index folder built by cvgl index")
@@ -464,7 +461,7 @@ def cmd_track(args: argparse.Namespace) -> int:
 
 
 def _refine_options(args: argparse.Namespace):
-    from cvgl.verify.refine import RefineOptions
+    from cvgl.verify.options import RefineOptions
 
     return RefineOptions(mode=args.refine, matcher=args.matcher, top_k=args.refine_k)
 

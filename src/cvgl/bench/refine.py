@@ -519,7 +519,7 @@ def real_gallery(root: Path, folder: Path, distractors: int, seed: int, sues: in
 
 def real_section(results: dict[str, dict], note: str, seconds: float) -> str:
     """The real-photo table and its targets alone (``--real-md``: a run of the real photos by themselves)."""
-    from cvgl.verify.refine import DEFAULT_MATCHER
+    from cvgl.verify.options import DEFAULT_MATCHER
 
     targets = [t for t in evaluate_targets({}, results, {}, 10, DEFAULT_MATCHER, note) if t.value is not None]
     lines = [
@@ -585,7 +585,8 @@ def run(per_family: int = 4, timing_photos: int = 2, seed: int = 0, families: Se
     from cvgl.index.store import open_index
     from cvgl.models.factory import create_encoder
     from cvgl.models.presets import DEFAULT_PRESET
-    from cvgl.verify.refine import DEFAULT_MATCHER, RefineOptions, Refiner
+    from cvgl.verify.options import DEFAULT_MATCHER, RefineOptions
+    from cvgl.verify.refine import Refiner
 
     started = time.time()
     load_start = os.getloadavg()

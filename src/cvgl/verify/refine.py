@@ -26,16 +26,15 @@ import cv2
 import numpy as np
 
 from cvgl.data.geometry import rectify_tilt, tilt_homography
-from cvgl.errors import InputError
 from cvgl.index.store import ReferenceIndex
 from cvgl.index.windows import WindowReader
 from cvgl.preprocess import MatchView
 from cvgl.verify.features import (
-    MATCHERS,
     Matcher,
     MatcherUnavailableError,
     create_matcher,
 )
+from cvgl.verify.options import FALLBACK_MATCHER, RefineOptions
 from cvgl.verify.stage import (
     Candidate,
     PhotoGeometry,
@@ -44,9 +43,6 @@ from cvgl.verify.stage import (
     verify_candidates,
 )
 
-REFINE_MODES = ("auto", "on", "off")
-DEFAULT_MATCHER = "aliked-lightglue"
-FALLBACK_MATCHER = "sift"  # no weights, always installed
 PITCH_HYPOTHESES = (25.0, 40.0, 55.0)  # tried, in order, when the pitch is unknown and nadir failed
 FEATURE_CACHE = 512  # windows whose features are kept across photos
 # Two sensors of one place disagree by about a metre (WV2 vs WV3 measured ~1.25 m + ~1 m locally):
@@ -54,35 +50,6 @@ FEATURE_CACHE = 512  # windows whose features are kept across photos
 # on the Longmont study; see cvgl.verify).
 UNCERTAINTY_SCALE = 2.0
 REFERENCE_ERROR_M = 2.5
-
-
-@dataclass(frozen=True)
-class RefineOptions:
-    """``mode``: auto (on when a matcher is available; the fallback matcher otherwise), on
-    (the named matcher or a one-line error), off (retrieval only)."""
-
-    mode: str = "auto"
-    matcher: str = DEFAULT_MATCHER
-    top_k: int = 10  # retrieved tiles verified per photo
-    margin_m: float = 56.0  # window = tile + this on every side (a footprint may straddle tiles)
-    max_keypoints: int | None = None  # None: the matcher's default (ALIKED 512, XFeat/SIFT 1024)
-    min_inliers: int = 25
-    stop_at_inliers: int | None = 50  # stop matching once a candidate verifies this strongly
-    pitch_search: bool = True
-
-    def __post_init__(self) -> None:
-        if self.mode not in REFINE_MODES:
-            raise InputError(f"refine mode {self.mode!r}: choose one of {', '.join(REFINE_MODES)}")
-        if self.matcher not in MATCHERS:
-            raise InputError(f"matcher {self.matcher!r}: choose one of {', '.join(MATCHERS)}")
-        if not 1 <= int(self.top_k) <= 100:
-            raise InputError(f"refine top-k {self.top_k}: verify between 1 and 100 candidates")
-        if not (math.isfinite(self.margin_m) and 0 <= self.margin_m <= 1000):
-            raise InputError(f"refine margin {self.margin_m} m: give 0-1000 m")
-
-    @property
-    def enabled(self) -> bool:
-        return self.mode != "off"
 
 
 @dataclass
