@@ -13,7 +13,7 @@ from PIL import Image
 
 from cvgl.train.batches import augment_kind
 from cvgl.train.config import config_from_dict
-from cvgl.train.head_init import init_netvlad_heads
+from cvgl.train.head_init import init_heads
 from cvgl.train.trainer import Trainer
 
 
@@ -242,7 +242,7 @@ def test_netvlad_starts_from_kmeans_of_training_tokens(pairs_csv, tmp_path):
 
     config = config_from_dict(tiny_config(pairs_csv, tmp_path / "run", optim__epochs=1, model__head="netvlad"))
     trainer = Trainer(config)
-    init_netvlad_heads(trainer.model, trainer.split, config)  # what fit() does first on a new run (a resumed one loads its centroids)
+    init_heads(trainer.model, trainer.split, config)  # what fit() does first on a new run (a resumed one loads its centroids)
     head = trainer.model.heads.query
     assert isinstance(head, NetVLAD)
     fresh = NetVLAD(NetVLADConfig(head.config.num_channels, head.config.num_clusters, head.config.out_dim))

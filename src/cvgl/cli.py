@@ -250,8 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--assemble", action="store_true", help="rebuild --out from the sections kept in bench_out/")
     p.add_argument("--fit", action="store_true", help="confidence: refit the shipped confidence models into the package")
 
-    p = sub.add_parser("train", help="train GenGeo from a YAML config (under torchrun for several processes)")
-    p.add_argument("config", type=Path, help="YAML training config (see configs/)")
+    p = sub.add_parser("train", help="train GenGeo from a YAML config, or on your region's orthophotos (--region)")
+    p.add_argument("config", type=Path, nargs="?", default=None, help="YAML training config (see configs/); omit with --region")
+    p.add_argument("--region", type=Path, nargs="+", default=None, metavar="ORTHO",
+                   help="two or more co-registered orthophotos (GeoTIFF) of your region: trains the small-data recipe on them")
+    p.add_argument("--extra-pairs", type=Path, default=None, metavar="CSV",
+                   help="with --region: your own photo/tile pairs (query,reference,lat,lon) added to the training pairs")
     p.add_argument("--out", type=Path, default=None, help="run folder (default: the config's out_dir)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in the run folder")
@@ -537,10 +541,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cvgl.train.config import load_config
+    from cvgl.errors import InputError
+    from cvgl.train.config import SMALL_DATA_RECIPE, load_config
     from cvgl.train.trainer import Trainer
 
-    config = load_config(args.config, args.set)
+    if (args.config is None) == (args.region is None):
+        raise InputError("give a YAML config or --region ORTHO ORTHO [...], not both and not neither")
+    if args.extra_pairs is not None and args.region is None:
+        raise InputError("--extra-pairs goes with --region (in a config it is data.extra_pairs)")
+    if args.region is not None:
+        region = [f"data.rasters={json.dumps([str(p) for p in args.region])}"]
+        if args.extra_pairs is not None:
+            region.append(f"data.extra_pairs={json.dumps(str(args.extra_pairs))}")
+        config = load_config(SMALL_DATA_RECIPE, region + args.set)
+    else:
+        config = load_config(args.config, args.set)
     _started(f"building the model ({config.model.weights}) and the data")
     trainer = Trainer(config, args.out)
     result = trainer.fit(resume=not args.no_resume, stop_after_steps=args.max_steps)

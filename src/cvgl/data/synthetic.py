@@ -20,6 +20,7 @@ from PIL import Image
 from cvgl.data.geometry import required_patch_side, simulate_drone_view
 from cvgl.data.metadata import CameraMetadata, write_camera_metadata
 from cvgl.data.raster import raster_info, read_region
+from cvgl.errors import InputError
 from cvgl.geo import offset_latlon, to_latlon
 
 
@@ -97,9 +98,16 @@ def make_queries(
         need_px = required_patch_side((photo_h, photo_w), pitch, hfov_deg, yaw) + 4
         half_m = need_px * photo_gsd / 2
         lo_x, hi_x = x_range or (left, right)
-        cx = rng.uniform(max(left + half_m, lo_x), min(right - half_m, hi_x))
         lo_y, hi_y = y_range or (bottom, top)
-        cy = rng.uniform(max(bottom + half_m, lo_y), min(top - half_m, hi_y))
+        x_from, x_to = max(left + half_m, lo_x), min(right - half_m, hi_x)
+        y_from, y_to = max(bottom + half_m, lo_y), min(top - half_m, hi_y)
+        if x_from > x_to or y_from > y_to:
+            raise InputError(
+                f"{raster}: a {pitch:g} deg photo of family {family.name!r} needs {2 * half_m:.0f} m of ground around "
+                "its centre, which no centre in the requested strip has inside the raster; widen the strip"
+            )
+        cx = rng.uniform(x_from, x_to)
+        cy = rng.uniform(y_from, y_to)
         patch = read_region(raster, cx, cy, size_m=need_px * photo_gsd, gsd_m=photo_gsd)
         image = simulate_drone_view(patch, yaw, pitch, hfov_deg, (photo_h, photo_w))
         if family.photometric:

@@ -46,6 +46,7 @@ def head_spec(config: ModelConfig) -> HeadSpec:
         out_dim=config.out_dim,
         shared=config.shared_head,
         dropout=config.dropout,
+        residual=config.residual,
     )
 
 
@@ -64,13 +65,13 @@ class GeoModel(nn.Module):
         self.config = config
         # Not registered as submodules: they share backbone and heads (no duplicate parameters).
         self._views = {
-            view: Encoder(backbone, ViewHead(heads, view), PretrainedCfg(WeightsSource("trained"), size))
+            view: Encoder(backbone, ViewHead(heads, view, config), PretrainedCfg(WeightsSource("trained"), size))
             for view, size in (("query", config.query_size), ("reference", config.reference_size))
         }
 
     def tokens(self, images: torch.Tensor) -> LayerTokens:
-        """Last-block tokens of ``images`` (float ``[B, 3, H, W]`` in [0, 1])."""
-        return self._views["reference"].tokens(images)[-1]
+        """The tokens the head reads (block ``config.block``) of ``images`` (float ``[B, 3, H, W]`` in [0, 1])."""
+        return self._views["reference"].tokens(images)[self.config.block]
 
     def encode(self, images: torch.Tensor, view: str) -> torch.Tensor:
         if view not in self._views:
@@ -134,18 +135,21 @@ def load_trained(path: str | Path) -> tuple[GeoModel, str, str]:
 
 
 class ViewHead(nn.Module):
-    """Adapts a trained per-view head to the :class:`Encoder` head interface (last block only)."""
+    """Adapts a trained per-view head to the :class:`Encoder` head interface.
 
-    layers = [-1]
-    final_norm = True
+    It reads one block (``config.block``, the last by default), through the final LayerNorm unless
+    the head is residual (the zero-shot pooling it starts from reads raw tokens).
+    """
 
-    def __init__(self, heads: ViewHeads, view: str) -> None:
+    def __init__(self, heads: ViewHeads, view: str, config: ModelConfig) -> None:
         super().__init__()
         self.heads = heads
         self.view = view
+        self.layers = [config.block]
+        self.final_norm = not config.residual
 
     def forward(self, tokens: dict[int, LayerTokens]) -> torch.Tensor:
-        return self.heads(tokens[-1], self.view)
+        return self.heads(tokens[self.layers[0]], self.view)
 
 
 def encoder_from_model(model: GeoModel, view: str, weights_hash: str, name: str = "gengeo", source: str = "") -> Encoder:
@@ -166,4 +170,4 @@ def encoder_from_model(model: GeoModel, view: str, weights_hash: str, name: str 
         head={"trained": plain_dict(config)},
     )
     cfg = PretrainedCfg(WeightsSource("trained", source), tuple(size))
-    return Encoder(model.backbone, ViewHead(model.heads, view), cfg, identity)
+    return Encoder(model.backbone, ViewHead(model.heads, view, config), cfg, identity)

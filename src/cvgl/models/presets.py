@@ -92,6 +92,7 @@ DEFAULT_PRESET = "gem-l8-raw"
 # so the training config can validate them without importing torch.
 HEAD_KINDS = ("salad", "netvlad", "cls")
 FINETUNE_MODES = ("frozen", "last_n", "full")
+HEAD_INITS = ("random", "tokens")
 
 
 @dataclass
@@ -111,6 +112,11 @@ class ModelConfig:
     dropout: float = 0.3
     query_size: tuple[int, int] = (224, 224)  # (height, width), multiples of 14
     reference_size: tuple[int, int] = (224, 224)
+    # The small-data recipe (configs/longmont/small-data/): the head reads block ``block`` (1-based;
+    # -1 = the last, the paper) and blocks after it are not run; ``last_n`` counts back from it.
+    block: int = -1
+    residual: bool = False  # start from the zero-shot GeM descriptor of that block (cvgl.models.residual_head)
+    head_init: str = "random"  # training only: random | tokens (SALAD from PCA + k-means of training tokens)
 
 
 def get_preset(name: str) -> EncoderPreset:

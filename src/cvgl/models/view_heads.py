@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from cvgl.errors import InputError
 from cvgl.models.backbone import LayerTokens
 from cvgl.models.netvlad import NetVLAD, NetVLADConfig
 from cvgl.models.presets import HEAD_KINDS
+from cvgl.models.residual_head import ResidualConfig, ResidualHead
 from cvgl.models.salad import Salad, SaladConfig
 
 BRANCHES = ("query", "reference")  # the two branches of a Siamese model (not camera views)
@@ -69,10 +70,19 @@ class HeadSpec:
     dropout: float = 0.3  # SALAD only
     sinkhorn_iters: int = 3  # SALAD only
     concat_cls: bool = False  # NetVLAD only
+    residual: bool = False  # wrap the head in a ResidualHead (starts as the zero-shot GeM descriptor)
 
 
 def build_head(spec: HeadSpec, num_channels: int) -> nn.Module:
-    """One freshly initialised head of ``spec.kind`` for tokens of width ``num_channels``."""
+    """One freshly initialised head of ``spec.kind`` for tokens of width ``num_channels``.
+
+    ``spec.residual``: the head is the correction of a :class:`ResidualHead` of ``spec.out_dim``
+    dimensions (the base then keeps its own width: the residual head's map compresses it).
+    """
+    if spec.residual:
+        out_dim = spec.out_dim or num_channels
+        base = build_head(replace(spec, residual=False, out_dim=None), num_channels)
+        return ResidualHead(ResidualConfig(num_channels, out_dim), base)
     if spec.kind == "salad":
         return Salad(
             SaladConfig(
@@ -98,6 +108,9 @@ def head_from_description(description: dict) -> nn.Module:
     config = dict(description)
     kind = config.pop("kind", None)
     try:
+        if kind == "residual":
+            base = head_from_description(config.pop("base"))
+            return ResidualHead(ResidualConfig(**config), base)
         if kind == "salad":
             return Salad(SaladConfig(**config))
         if kind == "netvlad":

@@ -18,7 +18,7 @@ import yaml
 
 from cvgl.errors import InputError
 from cvgl.io import write_text_atomic
-from cvgl.models.presets import FINETUNE_MODES, HEAD_KINDS, ModelConfig
+from cvgl.models.presets import FINETUNE_MODES, HEAD_INITS, HEAD_KINDS, ModelConfig
 from cvgl.typed import from_dict, plain_dict
 
 
@@ -33,12 +33,18 @@ class DataConfig:
     # ortho-pairs: two co-registered orthophotos of one area; "longmont" uses the embedded scenes.
     query_raster: str = "longmont:wv2"
     reference_raster: str = "longmont:wv3"
+    # ortho-pairs with two or more orthophotos (dates, sensors): pairs from every ordered pair of them
+    # (photo cut from one, tile from another: both directions of each date pair), train_pairs shared
+    # out evenly; the test pairs keep the first direction. Empty: query_raster -> reference_raster only.
+    rasters: list[str] = field(default_factory=list)
+    extra_pairs: str = ""  # ortho-pairs: a pairs CSV of your own photo/tile pairs, added to the training pairs
     train_pairs: int = 256
     train_x_range: tuple[float, float] = (0.0, 0.5)  # fraction of the scene's width (west half)
     test_pairs: int = 128  # eval.protocol "split" on ortho pairs: pairs cut from the test strip
     test_x_range: tuple[float, float] = (0.5, 1.0)
     augment: bool = True
     num_workers: int = 0
+    pairs_dir: str = ""  # ortho-pairs: where the pairs are cut (default: RUN/pairs); runs of one ablation share it
 
 
 @dataclass
@@ -71,6 +77,7 @@ class SamplingConfig:
 @dataclass
 class EvalConfig:
     every_epochs: int = 1
+    at_start: bool = False  # also evaluate before the first step of a new run (step 0 of the learning curve)
     protocol: str = "split"  # split (the dataset's test split) | longmont (east-half drone protocol)
     per_family: int = 50  # longmont: photos per family
     families: list[str] = field(default_factory=list)  # longmont: subset of family names; [] = all six
@@ -95,9 +102,13 @@ class TrainConfig:
         return plain_dict(self)
 
 
+# The small-data recipe (cvgl train --region): package data, so it works from an installed wheel.
+SMALL_DATA_RECIPE = Path(__file__).with_name("recipes") / "small-data.yaml"
+
 CHOICES = {
     "model.finetune": FINETUNE_MODES,
     "model.head": HEAD_KINDS,
+    "model.head_init": HEAD_INITS,
     "data.kind": ("cvusa", "cvact", "vigor", "university1652", "pairs-csv", "ortho-pairs"),
     "eval.protocol": ("split", "longmont"),
 }
@@ -153,7 +164,22 @@ def validate(config: TrainConfig, where: str) -> TrainConfig:
         if not 0.0 <= low < high <= 1.0:
             raise InputError(f"{where}: data.{name} {[low, high]} must be 0 <= low < high <= 1 (fractions of the scene's width)")
     _check_loader_options(config.data, where)
+    _check_ortho_inputs(config.data, where)
     return config
+
+
+def _check_ortho_inputs(data: DataConfig, where: str) -> None:
+    """Orthophotos and extra pairs are checked here, before a model is built (which takes seconds)."""
+    if data.kind != "ortho-pairs":
+        return
+    if data.rasters and (len(data.rasters) < 2 or len(set(data.rasters)) != len(data.rasters)):
+        raise InputError(f"{where}: data.rasters needs two or more different orthophotos of one area (got {len(data.rasters)})")
+    named = [*(data.rasters or [data.query_raster, data.reference_raster])]
+    for text in named:
+        if not text.startswith("longmont:") and not Path(text).is_file():
+            raise InputError(f"{text}: orthophoto not found (data.rasters / data.query_raster / data.reference_raster in {where})")
+    if data.extra_pairs and not Path(data.extra_pairs).is_file():
+        raise InputError(f"{data.extra_pairs}: pairs CSV not found (data.extra_pairs / --extra-pairs)")
 
 
 def _check_loader_options(data: DataConfig, where: str) -> None:

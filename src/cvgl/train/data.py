@@ -1,9 +1,10 @@
 """Training and test splits from a :class:`~cvgl.train.config.TrainConfig`'s ``data`` section.
 
 Benchmarks are read in their published layouts by :mod:`cvgl.data.datasets`. ``ortho-pairs`` is
-how a user trains on their own region: pairs are cut from two co-registered orthophotos (here
-the embedded Longmont WV2 and WV3 scenes) into ``OUT/pairs/{train,test}`` once, then read back
-as a pairs CSV; spatial strips keep training and test ground apart.
+how a user trains on their own region: pairs are cut from two or more co-registered orthophotos
+(here the embedded Longmont WV2 and WV3 scenes; with ``data.rasters``, in every direction) into
+``OUT/pairs/{train,test}`` (or ``data.pairs_dir``) once, then read back as pairs CSVs, plus the
+user's own pairs (``data.extra_pairs``); spatial strips keep training and test ground apart.
 """
 
 from __future__ import annotations
@@ -30,28 +31,47 @@ def resolve_raster(text: str) -> Path:
     return path
 
 
+def ortho_directions(data: DataConfig) -> list[tuple[str, str]]:
+    """(photo raster, tile raster) of every direction pairs are cut in (see ``DataConfig.rasters``)."""
+    if not data.rasters:
+        return [(data.query_raster, data.reference_raster)]
+    if len(data.rasters) < 2 or len(set(data.rasters)) != len(data.rasters):
+        raise InputError(f"data.rasters {data.rasters}: give two or more different orthophotos of one area")
+    return [(q, r) for q in data.rasters for r in data.rasters if q != r]
+
+
 def _ortho_split(data: DataConfig, out: Path, role: str, world: World | None):
+    """Cut (once) and read the pairs of every direction; the training split adds ``extra_pairs``."""
+    from cvgl.data.datasets.common import CrossViewSplit
     from cvgl.data.datasets.ortho_pairs import cut_ortho_pairs
     from cvgl.data.datasets.pairs_csv import load_pairs_csv
 
-    folder = out / "pairs" / role
-    csv = folder / "pairs.csv"
+    root = (Path(data.pairs_dir) if data.pairs_dir else out / "pairs") / role
+    directions = ortho_directions(data) if role == "train" else ortho_directions(data)[:1]
     count, x_range, seed = (
         (data.train_pairs, data.train_x_range, 1) if role == "train" else (data.test_pairs, data.test_x_range, 2)
     )
-    split = None
-    if world is None or world.is_main:
-        cut_ortho_pairs(  # reuses the folder when it holds pairs cut with the same parameters
-            resolve_raster(data.query_raster), resolve_raster(data.reference_raster), folder,
-            count=count, seed=seed, x_range=x_range,
-        )
-        split = load_pairs_csv(csv, query_view="drone", reference_view="satellite")
-        prepare_queries(split, folder / "prepared", tile_m=112.0, gsd_m=0.5)
-    if world is not None:
-        barrier(world)  # the other processes read the pairs once the main one has cut them
-    if split is None:
-        split = load_pairs_csv(csv, query_view="drone", reference_view="satellite")
-    return prepared_split(split, folder / "prepared")
+    per_direction = max(1, count // len(directions))
+    # One direction keeps the folder layout of earlier runs (root itself); several get a folder each.
+    folders = [root] if len(directions) == 1 else [root / f"{i}" for i in range(len(directions))]
+    parts = []
+    for index, ((query_raster, reference_raster), folder) in enumerate(zip(directions, folders)):
+        split = None
+        if world is None or world.is_main:
+            cut_ortho_pairs(  # reuses the folder when it holds pairs cut with the same parameters
+                resolve_raster(query_raster), resolve_raster(reference_raster), folder,
+                count=per_direction, seed=seed + 10 * index, x_range=x_range,
+            )
+            split = load_pairs_csv(folder / "pairs.csv", query_view="drone", reference_view="satellite")
+            prepare_queries(split, folder / "prepared", tile_m=112.0, gsd_m=0.5)
+        if world is not None:
+            barrier(world)  # the other processes read the pairs once the main one has cut them
+        if split is None:
+            split = load_pairs_csv(folder / "pairs.csv", query_view="drone", reference_view="satellite")
+        parts.append(prepared_split(split, folder / "prepared"))
+    if role == "train" and data.extra_pairs:
+        parts.append(load_pairs_csv(Path(data.extra_pairs), query_view="drone", reference_view="satellite"))
+    return parts[0] if len(parts) == 1 else CrossViewSplit.concat(parts, f"ortho-pairs/{role}")
 
 
 def _prepared_path(folder: Path, query: Path) -> Path:

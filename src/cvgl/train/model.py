@@ -17,5 +17,5 @@ def build_model(config: ModelConfig, seed: int = 0) -> tuple[GeoModel, str]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         heads = ViewHeads.build(head_spec(config), backbone.embed_dim)
-    set_trainable(backbone, config.finetune, config.last_n)
+    set_trainable(backbone, config.finetune, config.last_n, config.block, final_norm=not config.residual)
     return GeoModel(backbone, heads, arch, config), weights_hash

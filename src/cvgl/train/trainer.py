@@ -14,7 +14,7 @@ epochs, so it needs the model, the split, the sampler and the process group at o
 * :mod:`cvgl.train.checkpoint` - exact-resume checkpoints (and :class:`TrainState`);
 * :mod:`cvgl.train.run_log` - ``log.jsonl`` (+ TensorBoard), trimmed after a resume;
 * :mod:`cvgl.train.evaluator` - the configured evaluation protocol, built once;
-* :mod:`cvgl.train.head_init` - NetVLAD's k-means start on a new run;
+* :mod:`cvgl.train.head_init` - data-dependent head starts (NetVLAD k-means, SALAD PCA + k-means) on a new run;
 * :mod:`cvgl.train.rng` - seeding and the RNG states a checkpoint carries.
 """
 
@@ -43,7 +43,7 @@ from cvgl.train.distributed import (
     init_from_env,
 )
 from cvgl.train.evaluator import Evaluator
-from cvgl.train.head_init import init_netvlad_heads
+from cvgl.train.head_init import init_heads
 from cvgl.train.loss import SymmetricInfoNCE
 from cvgl.train.model import build_model
 from cvgl.train.optim import build_optimizer, build_scheduler
@@ -106,7 +106,9 @@ class Trainer:
             self.run_log.trim_after(self.state.step)
             self.run_log.write({"event": "resumed", "step": self.state.step, "epoch": self.state.epoch})
         else:
-            init_netvlad_heads(self.model, self.split, self.config)
+            init_heads(self.model, self.split, self.config)
+            if self.config.eval.at_start:
+                self.evaluate()
         if self.config.tensorboard:
             self.run_log.open_tensorboard()
         started = time.time()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +112,30 @@ class CrossViewSplit:
                     lat[i], lon[i] = item.lat, item.lon
                     break
         return lat, lon
+
+    @classmethod
+    def concat(cls, splits: list[CrossViewSplit], name: str) -> CrossViewSplit:
+        """One split of several (e.g. both directions of a date pair, plus a user's own pairs).
+
+        Reference indices and location ids are offset so that nothing from one part is taken for
+        the same image or place as something from another; all parts must share their views.
+        """
+        views = {(s.query_view, s.reference_view) for s in splits}
+        if len(views) != 1:
+            raise ValueError(f"{name}: cannot join splits of different views {sorted(views)}")
+        queries, references, positives, semi = [], [], [], []
+        location = 0
+        for split in splits:
+            ref_offset = len(references)
+            ids = [item.location for item in (*split.queries, *split.references)]
+            loc_offset = location - min(ids)
+            queries += [replace(item, location=item.location + loc_offset) for item in split.queries]
+            references += [replace(item, location=item.location + loc_offset) for item in split.references]
+            positives += [[r + ref_offset for r in pos] for pos in split.positives]
+            semi += [[r + ref_offset for r in pos] for pos in split.semi_positives]
+            location = loc_offset + max(ids) + 1
+        query_view, reference_view = views.pop()
+        return cls(name, query_view, reference_view, queries, references, positives, semi)
 
     def __repr__(self) -> str:
         return (
