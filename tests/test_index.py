@@ -308,6 +308,8 @@ def test_build_index_from_geotiff(tmp_path: Path, utm_geotiff: Path, tiny_encode
     assert manifest.to_dict()["tiling"] == {"tile_m": 56, "stride_m": 28, "gsd_m": 1.0, "bands": None, "crs": None}
     assert manifest.source.kind == "geotiff"
     assert manifest.alignment["kind"] == DEFAULT_KIND
+    assert manifest.computed_with.precision == encoder.precision == "fp32"  # recorded, not part of the identity
+    assert manifest.to_dict()["computed_with"] == {"precision": "fp32", "runtime": "torch"}
     assert index.overview() is not None
 
     # the stored raw vectors are the encoder's descriptors of the tiles

@@ -131,6 +131,7 @@ def build_index(
             "tile_m": spec.tile_m,
         }
         overview = raster_overview(source, max_side=1024, bands=spec.bands, stretch=spec.stretch, crs=spec.crs)
+    extra["computed_with"] = {"precision": encoder.precision, "runtime": encoder.runtime}
     written = write_index(out, raw, tiles, encoder.identity, fitted, extra=extra, overview=overview, index_type=index_type)
     remove_shard_folder(folder)
     return written

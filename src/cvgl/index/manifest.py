@@ -36,6 +36,19 @@ class SourceInfo:
 
 
 @dataclass(frozen=True)
+class ComputedWith:
+    """How the index's descriptors were computed (``--precision`` / ``--runtime`` of ``cvgl index``).
+
+    A record, not part of the encoder identity: bf16 and fp32 descriptors of one encoder agree to a
+    cosine of 0.9999+ with the same top-1 (``cvgl bench throughput``), so a query computed in
+    another precision or runtime is accepted; the record says what an index's numbers came from.
+    """
+
+    precision: str
+    runtime: str
+
+
+@dataclass(frozen=True)
 class TilingInfo:
     """How a GeoTIFF was cut into tiles (see :class:`cvgl.data.tiling.TilingSpec`)."""
 
@@ -61,6 +74,7 @@ class IndexManifest:
     tile_m: float | None = None  # tile side on the ground (estimated from centre spacing for folders)
     tile_m_estimated: bool = False
     overview_bounds: tuple[float, float, float, float] | None = None  # south, west, north, east
+    computed_with: ComputedWith | None = None  # absent in indexes built before it was recorded
 
     @property
     def tile_side_m(self) -> float:
