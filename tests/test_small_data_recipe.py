@@ -221,3 +221,36 @@ def test_cvgl_train_region_cuts_both_directions_adds_own_pairs_and_logs_the_zero
     evals = [r for r in log if r.get("event") == "eval"]
     assert [e["step"] for e in evals] == [0, 3]  # before the first step (zero-shot) and after epoch 1: 12 pairs / 4
     assert (out / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------ the paper's own configuration stays runnable
+
+
+@pytest.mark.parametrize("name, kind", [("cvusa", "cvusa"), ("cvact", "cvact"), ("vigor-same", "vigor"), ("vigor-cross", "vigor")])
+def test_paper_configs_have_the_papers_settings_and_train_on_their_layout(tmp_path, name, kind):
+    """configs/paper/*.yaml hold Sec. 4.2's values; with a tiny model and a fixture tree one step runs."""
+    from pathlib import Path
+
+    import data.make_fixtures as fixtures
+
+    from cvgl.train.config import load_config
+    from cvgl.train.trainer import Trainer
+
+    path = Path(__file__).parents[1] / "configs" / "paper" / f"{name}.yaml"
+    paper = load_config(path)
+    m, o, s = paper.model, paper.optim, paper.sampling
+    assert (m.weights, m.finetune, m.last_n, m.head, m.num_clusters, m.cluster_dim, m.out_dim) == (
+        "hub:dinov2_vitb14", "last_n", 4, "salad", 64, 128, 1024)
+    assert m.shared_head and m.dustbin and m.block == -1 and not m.residual
+    assert (o.epochs, o.batch_size * 8, o.learning_rate) == (80, 256, 1e-4)
+    assert (s.dss_k, s.dss_K, s.dss_every) == (64, 128, 4)
+    assert (m.query_size, m.reference_size) == (((154, 770), (392, 392)) if kind != "vigor" else ((294, 588), (294, 294)))
+    root = tmp_path / kind
+    getattr(fixtures, f"make_{kind}")(root)
+    tiny = [f"data.root={root}", "data.num_workers=0", "model.weights=random:dinov2_tiny_test", "model.query_size=[28, 56]",
+            "model.reference_size=[28, 28]", "model.num_clusters=4", "model.cluster_dim=8", "model.token_dim=8",
+            "model.out_dim=16", "model.last_n=1", "optim.batch_size=2", "optim.epochs=1", "sampling.gps_neighbours=1",
+            "sampling.dss_k=2", "sampling.dss_K=4", "threads=1", "tensorboard=false"]
+    trainer = Trainer(load_config(path, tiny), tmp_path / "run")
+    trainer.fit(stop_after_steps=1)
+    assert trainer.state.step == 1
