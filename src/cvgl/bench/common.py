@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from cvgl.models.encoder import Encoder
 from cvgl.models.factory import load_backbone
 from cvgl.models.heads import PoolingHead
 from cvgl.models.presets import PRESETS, HeadConfig, PoolSpec
+from cvgl.models.runtime import cpu_name
 from cvgl.models.weights import PretrainedCfg, WeightsSource
 
 PRETRAINED_HEADS: dict[str, HeadConfig] = {
@@ -140,20 +140,8 @@ class Methods:
         return out
 
 
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo where it exists)."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
 def machine_line() -> str:
-    return f"{cpu_model()}; {torch.get_num_threads()} torch threads; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}"
+    return f"{cpu_name()}; {torch.get_num_threads()} torch threads; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}"
 
 
 def emit_section(text: str, out: Path | None) -> int:

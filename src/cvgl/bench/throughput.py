@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cvgl.bench.common import cpu_model, emit_section, log, markdown_table
+from cvgl.bench.common import emit_section, log, markdown_table
 from cvgl.models.encoder import PRECISION_DTYPES
 
 # ----------------------------------------------------------------------------------------------
@@ -549,13 +549,15 @@ class CpuMonitor:
 def machine_header(argv: Sequence[str]) -> list[str]:
     import faiss
 
+    from cvgl.models.runtime import cpu_name
+
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return [
-        (f"Machine: {platform.platform()} | CPU: {cpu_model()} | cores: {os.cpu_count()} logical, "
+        (f"Machine: {platform.platform()} | CPU: {cpu_name()} | cores: {os.cpu_count()} logical, "
         f"{usable} usable | torch {torch.__version__} | faiss {faiss.__version__} | numpy {np.__version__} | "
         f"Python {platform.python_version()} | OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} | "
         f"load average at start: {load}"),
