@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -163,3 +164,25 @@ def test_quarter_turns_need_square_images():
         PairedAugment("panorama").check_sizes((8, 32), (16, 20))
     with pytest.raises(ValueError, match="kind"):
         PairedAugment("street")
+
+
+def test_query_rotation_turns_the_query_alone_within_the_bound_and_keeps_other_draws():
+    plain, turned = PairedAugment("aerial", seed=3), PairedAugment("aerial", seed=3, query_rotation_deg=11.25)
+    angles = []
+    for index in range(64):
+        a, b = plain.draw(plain.generator(1, index)), turned.draw(turned.generator(1, index))
+        assert a.query_angle_deg == 0.0 and dataclasses.replace(b, query_angle_deg=0.0) == a  # same six draws
+        angles.append(b.query_angle_deg)
+    assert max(map(abs, angles)) <= 11.25 and min(angles) < -5 and max(angles) > 5
+    query = torch.zeros(3, 57, 57)
+    query[:, 8:49, 27:30] = 1.0  # a vertical bar through the centre
+    reference = torch.rand(3, 57, 57, generator=torch.Generator().manual_seed(0))
+    draw = dataclasses.replace(plain.draw(plain.generator(0, 0)), flip=False, quarter_turns=0, query_angle_deg=10.0,
+                               query_brightness=1.0, query_contrast=1.0, reference_brightness=1.0, reference_contrast=1.0)
+    q, r = turned.apply(query, reference, draw)
+    assert torch.equal(r, reference)  # the tile stays north-up
+    # A clockwise turn moves the bar's top end right (and its bottom end left).
+    top, bottom = q[0, 10].argmax().item(), q[0, 46].argmax().item()
+    assert top > 28 > bottom
+    with pytest.raises(ValueError, match="query_rotation_deg"):
+        PairedAugment("panorama", query_rotation_deg=5.0)

@@ -18,6 +18,11 @@ and applied to both views in the matching form:
   the panorama's centre must then show what was east, which sat a quarter width right of the
   centre: a roll left by ``W / 4``. Rolling by the full width is the identity.
 
+``query_rotation_deg`` > 0 (aerial only) also turns the query alone by a small angle drawn uniformly
+in ``+-query_rotation_deg``: a drone photo whose heading is unknown is tried at a few rotations, so
+the best one is still off by up to half their spacing (11.25 degrees for 16), and a model trained
+only on exactly north-up pairs learns to reject what it will be shown at locate time.
+
 Photometric jitter (brightness and contrast, small) is drawn independently per view: the two
 views come from different sensors, so their colours need not change together.
 
@@ -33,6 +38,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from torchvision.transforms import InterpolationMode
 
 __all__ = ["AugmentDraw", "PairedAugment", "dihedral", "roll_panorama"]
 
@@ -47,6 +53,7 @@ class AugmentDraw:
     query_contrast: float
     reference_brightness: float
     reference_contrast: float
+    query_angle_deg: float = 0.0  # clockwise turn of the query alone (see query_rotation_deg)
 
 
 def dihedral(image: torch.Tensor, flip: bool, quarter_turns: int) -> torch.Tensor:
@@ -90,6 +97,7 @@ class PairedAugment:
         rotate: bool = True,
         jitter: float = 0.1,
         seed: int = 0,
+        query_rotation_deg: float = 0.0,
     ) -> None:
         if kind not in ("aerial", "panorama"):
             raise ValueError(f"PairedAugment: kind must be 'aerial' or 'panorama', got {kind!r}")
@@ -98,8 +106,11 @@ class PairedAugment:
         self.kind = kind
         self.flip = bool(flip)
         self.rotate = bool(rotate)
+        if not 0.0 <= query_rotation_deg <= 45.0 or (query_rotation_deg and kind != "aerial"):
+            raise ValueError(f"PairedAugment: query_rotation_deg must be in [0, 45] and only for aerial pairs, got {query_rotation_deg}")
         self.jitter = float(jitter)
         self.seed = int(seed)
+        self.query_rotation_deg = float(query_rotation_deg)
 
     def generator(self, epoch: int, index: int) -> torch.Generator:
         """The generator of sample ``index`` in ``epoch``: a pure function of (seed, epoch, index)."""
@@ -110,6 +121,9 @@ class PairedAugment:
         """Draw one sample's choices; always consumes the same number of values from ``generator``."""
         u = torch.rand(6, generator=generator, dtype=torch.float64).tolist()
         spread = lambda x: 1.0 + self.jitter * (2.0 * x - 1.0)
+        angle = 0.0
+        if self.query_rotation_deg:  # drawn after the six, so runs without it keep their draws
+            angle = self.query_rotation_deg * (2.0 * float(torch.rand(1, generator=generator, dtype=torch.float64)) - 1.0)
         return AugmentDraw(
             flip=self.flip and u[0] < 0.5,
             quarter_turns=min(int(u[1] * 4), 3) if self.rotate else 0,
@@ -117,6 +131,7 @@ class PairedAugment:
             query_contrast=spread(u[3]),
             reference_brightness=spread(u[4]),
             reference_contrast=spread(u[5]),
+            query_angle_deg=angle,
         )
 
     def apply(self, query: torch.Tensor, reference: torch.Tensor, d: AugmentDraw) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,6 +140,10 @@ class PairedAugment:
             if d.quarter_turns % 2:
                 self._need_square(query, "query")
             query = dihedral(query, d.flip, d.quarter_turns)
+            if d.query_angle_deg:
+                from torchvision.transforms.v2.functional import rotate
+
+                query = rotate(query, -d.query_angle_deg, interpolation=InterpolationMode.BILINEAR)  # v2: counter-clockwise
         else:
             query = roll_panorama(dihedral(query, d.flip, 0), d.quarter_turns)
         if d.quarter_turns % 2:
@@ -159,4 +178,4 @@ class PairedAugment:
 
     def __repr__(self) -> str:
         return (f"PairedAugment(kind={self.kind!r}, flip={self.flip}, rotate={self.rotate}, "
-                f"jitter={self.jitter}, seed={self.seed})")
+                f"jitter={self.jitter}, seed={self.seed}, query_rotation_deg={self.query_rotation_deg})")

@@ -23,7 +23,9 @@ def augment_kind(split: CrossViewSplit) -> str:
 
 
 def build_dataset(config: TrainConfig, split: CrossViewSplit) -> PairDataset:
-    augment = PairedAugment(kind=augment_kind(split), seed=config.seed) if config.data.augment else None
+    kind = augment_kind(split)
+    rotation = config.data.query_rotation_deg if kind == "aerial" else 0.0
+    augment = PairedAugment(kind=kind, seed=config.seed, query_rotation_deg=rotation) if config.data.augment else None
     return PairDataset(split, config.model.query_size, config.model.reference_size, augment)
 
 

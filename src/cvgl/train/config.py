@@ -43,6 +43,7 @@ class DataConfig:
     test_pairs: int = 128  # eval.protocol "split" on ortho pairs: pairs cut from the test strip
     test_x_range: tuple[float, float] = (0.5, 1.0)
     augment: bool = True
+    query_rotation_deg: float = 0.0  # aerial pairs: turn the query alone by up to +-this (heading-unknown photos)
     num_workers: int = 0
     pairs_dir: str = ""  # ortho-pairs: where the pairs are cut (default: RUN/pairs); runs of one ablation share it
 
