@@ -66,14 +66,15 @@ SMALL_DATA = Recipe(
     zero_shot=[("gem-l8-raw", 168), ("gem-l8-raw", 224)],
     rows=[
         ("zero-shot", None),
-        ("paper recipe (block 12, random SALAD), same pairs and steps", "paper-recipe"),
-        ("**GenGeo-S small-data: block 8 + residual + token init, 1024 pairs, query rotation jitter**", "gengeo-s"),
-        ("- without query rotation jitter (the base of the rows below)", "no-rotation-jitter"),
+        ("paper recipe (block 12, last 4 blocks trained, random SALAD), same pairs and steps", "paper-recipe"),
+        ("**GenGeo-S small-data: block 8, frozen, residual, token init, rotation jitter, 1024 pairs**", "gengeo-s"),
+        ("- without query rotation jitter", "no-rotation-jitter"),
+        ("- blocks 5-8 trained (the paper's last 4)", "last4"),
+        ("- blocks 5-8 trained, without rotation jitter", "last4-no-jitter"),
         ("- without the residual path", "no-residual"),
         ("- random SALAD init (no PCA / k-means)", "random-init"),
         ("- head on block 12 (residual from block-12 GeM)", "block-12"),
         ("- 256 pairs (as sparse as the paper-recipe runs)", "pairs-256"),
-        ("- backbone frozen (only the head trains)", "frozen"),
         ("- head learning rate x1 (the paper's)", "head-lr-1"),
         ("ablation: SALAD non-shared", "nonshared"),
         ("ablation: SALAD shared, no dustbin", "no-dustbin"),
@@ -81,8 +82,8 @@ SMALL_DATA = Recipe(
         ("ablation: CLS head", "cls"),
         ("ablation: SALAD K=32", "k32"),
     ],
-    priority=["gengeo-s", "no-rotation-jitter", "frozen", "paper-recipe", "no-residual", "random-init", "block-12", "pairs-256", "head-lr-1",
-              "nonshared", "no-dustbin", "netvlad", "cls", "k32"],
+    priority=["gengeo-s", "paper-recipe", "no-rotation-jitter", "last4-no-jitter", "last4", "no-residual", "random-init",
+              "block-12", "pairs-256", "head-lr-1", "nonshared", "no-dustbin", "netvlad", "cls", "k32"],
 )
 RECIPES = {"paper": PAPER, "small-data": SMALL_DATA}
 
