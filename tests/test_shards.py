@@ -67,6 +67,7 @@ class CountingEncoder:
         self.encoder = encoder
         self.identity = encoder.identity
         self.dim = encoder.dim  # build_index checks the index's memory before encoding
+        self.precision, self.runtime = encoder.precision, encoder.runtime  # recorded in the manifest
         self.images = 0
 
     def encode(self, images, batch_size: int = 16) -> np.ndarray:
