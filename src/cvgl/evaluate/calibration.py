@@ -36,7 +36,7 @@ def _checked(confidence, correct) -> tuple[np.ndarray, np.ndarray]:
 def reliability_table(confidence, correct, bins: int = 10) -> list[ReliabilityBin]:
     """Equal-width bins over [0, 1] (the last bin includes 1.0); empty bins are left out."""
     p, y = _checked(confidence, correct)
-    edges = np.linspace(0.0, 1.0, bins + 1)
+    edges = np.arange(bins + 1) / bins  # exactly k / bins (linspace gives 0.7000000000000001 for 7 of 10)
     which = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, bins - 1)
     out = []
     for b in range(bins):
