@@ -38,7 +38,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torchvision.transforms import InterpolationMode
 
 __all__ = ["AugmentDraw", "PairedAugment", "dihedral", "roll_panorama"]
 
@@ -141,6 +140,7 @@ class PairedAugment:
                 self._need_square(query, "query")
             query = dihedral(query, d.flip, d.quarter_turns)
             if d.query_angle_deg:
+                from torchvision.transforms import InterpolationMode  # lazy: torchvision costs seconds to import
                 from torchvision.transforms.v2.functional import rotate
 
                 query = rotate(query, -d.query_angle_deg, interpolation=InterpolationMode.BILINEAR)  # v2: counter-clockwise
