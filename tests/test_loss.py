@@ -113,3 +113,50 @@ def test_bad_shapes_and_offsets_are_rejected():
         loss(q, r, q_all=q, r_all=r, offset=1)  # 4 local rows do not fit at offset 1 of 4
     with pytest.raises(ValueError):
         loss(q, r, q_all=torch.zeros(8, 2), r_all=torch.zeros(8, 3))
+
+
+def loop_loss_with_wrong(q, r, wrong, scale: float, smoothing: float) -> float:
+    """Query i must beat every reference, and its wrong-heading twin on every reference but its own."""
+    q, r, wrong = q.double().tolist(), r.double().tolist(), wrong.double().tolist()
+    n = len(q)
+    dot = lambda a, b: scale * sum(x * y for x, y in zip(a, b, strict=True))
+
+    def row(logits: list[float], target: int) -> float:
+        top = max(logits)
+        log_z = top + math.log(sum(math.exp(v - top) for v in logits))
+        nll = [log_z - v for v in logits]
+        return (1 - smoothing) * nll[target] + smoothing * sum(nll) / len(logits)
+
+    forward = sum(row([dot(q[i], r[j]) for j in range(n)] + [dot(wrong[i], r[j]) for j in range(n) if j != i], i)
+                  for i in range(n)) / n
+    backward = sum(row([dot(r[i], q[j]) for j in range(n)], i) for i in range(n)) / n
+    return (forward + backward) / 2
+
+
+@FAST
+@given(b=st.integers(1, 6), d=st.integers(1, 5), smoothing=st.sampled_from([0.0, 0.1]), seed=st.integers(0, 10**6))
+def test_wrong_heading_negatives_equal_the_loop(b, d, smoothing, seed):
+    q, r = descriptors(b, d, seed)
+    wrong = F.normalize(torch.randn(b, d, generator=torch.Generator().manual_seed(seed + 1)), dim=1)
+    loss = SymmetricInfoNCE(label_smoothing=smoothing)
+    expected = loop_loss_with_wrong(q, r, wrong, 1 / 0.07, smoothing)
+    assert loss(q, r, wrong=wrong).item() == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+def test_a_wrong_heading_costs_only_when_it_finds_another_tile():
+    q, r = descriptors(4, 6, 3)
+    loss = SymmetricInfoNCE(label_smoothing=0.0)
+    on_own_tile = loss(q, r, wrong=r.clone()).item()  # each twin matches its own tile perfectly: no penalty there
+    on_next_tile = loss(q, r, wrong=r.roll(1, dims=0)).item()  # each twin matches a neighbour's tile perfectly
+    assert on_next_tile > on_own_tile
+    with pytest.raises(ValueError, match="wrong must be"):
+        loss(q, r, wrong=q[:3])
+
+
+def test_wrong_heading_negatives_shard_like_the_full_batch():
+    q, r = descriptors(8, 6, 4)
+    wrong = F.normalize(q.flip(1), dim=1)
+    criterion = SymmetricInfoNCE()
+    full = criterion(q, r, wrong=wrong).item()
+    shards = [criterion(q[lo:lo + 4], r[lo:lo + 4], q_all=q, r_all=r, offset=lo, wrong=wrong[lo:lo + 4]).item() for lo in (0, 4)]
+    assert sum(shards) / 2 == pytest.approx(full, rel=1e-6)

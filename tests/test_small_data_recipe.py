@@ -254,3 +254,71 @@ def test_paper_configs_have_the_papers_settings_and_train_on_their_layout(tmp_pa
     trainer = Trainer(load_config(path, tiny), tmp_path / "run")
     trainer.fit(stop_after_steps=1)
     assert trainer.state.step == 1
+
+
+# ------------------------------------------------------------------ wrong-heading negatives (data.wrong_headings)
+
+
+def test_wrong_turns_are_distinct_wrong_steps_fixed_by_the_file_name():
+    from pathlib import Path
+
+    from cvgl.train.data import wrong_turns
+
+    turns = wrong_turns(Path("a/00017.jpg"), 5, 16)
+    assert turns == wrong_turns(Path("b/00017.jpg"), 5, 16) and len(set(turns)) == 5
+    assert all(1 <= k <= 15 for k in turns)
+    assert wrong_turns(Path("x.jpg"), 15, 16) == list(range(1, 16)) and wrong_turns(Path("x.jpg"), 0, 16) == []
+    with pytest.raises(InputError, match="wrong_headings 16"):
+        wrong_turns(Path("x.jpg"), 16, 16)
+
+
+@pytest.mark.real
+def test_wrong_headings_are_locates_own_hypotheses_and_reach_the_batch_augmented_like_the_query(tmp_path):
+    """Real WV2 photos: each turned image is what prepare_query makes at that wrong heading."""
+    import numpy as np
+
+    from cvgl.data.augment import PairedAugment
+    from cvgl.data.datasets.common import PairDataset, load_resized
+    from cvgl.data.datasets.ortho_pairs import cut_ortho_pairs
+    from cvgl.data.datasets.pairs_csv import load_pairs_csv
+    from cvgl.data.images import load_image
+    from cvgl.data.samples import longmont_scene
+    from cvgl.preprocess import QueryOptions, prepare_query
+    from cvgl.train.data import prepare_queries, prepared_split, wrong_turns
+
+    csv = cut_ortho_pairs(longmont_scene("wv2"), longmont_scene("wv3"), tmp_path / "pairs", count=2, seed=3, x_range=(0.0, 0.5))
+    raw = load_pairs_csv(csv, query_view="drone", reference_view="satellite")
+    photos = [item.path for item in raw.queries]
+    prepare_queries(raw, tmp_path / "prepared", tile_m=112.0, gsd_m=0.5, wrong_headings=2)
+    split = prepared_split(raw, tmp_path / "prepared", 2)
+    for photo, item in zip(photos, split.queries, strict=True):
+        heading = prepare_query(photo, QueryOptions(), 112.0, 0.5).match_view.heading_deg
+        assert heading is not None and len(item.wrong_headings) == 2
+        for k, path in zip(wrong_turns(photo, 2, 16), item.wrong_headings, strict=True):
+            expected = prepare_query(photo, QueryOptions(heading_deg=(heading + 22.5 * k) % 360), 112.0, 0.5).hypotheses[0].image
+            assert np.array_equal(load_image(path), expected)
+        assert not np.array_equal(load_image(item.wrong_headings[0]), load_image(item.path))
+    augment = PairedAugment("aerial", seed=5, query_rotation_deg=11.25)
+    dataset = PairDataset(split, (56, 56), (56, 56), augment, wrong_headings=True)
+    dataset.set_epoch(1)  # epoch 1 takes each photo's second wrong heading
+    sample = dataset[0]
+    q, r = split.pairs()[0]
+    turned = load_resized(split.queries[q].wrong_headings[1], (56, 56))
+    expected, _ = augment(turned, load_resized(split.references[r].path, (56, 56)), epoch=1, index=0)
+    assert torch.equal(sample["query_wrong"], expected)
+    with pytest.raises(ValueError, match="no wrong-heading images"):
+        PairDataset(raw.__class__(raw.name, raw.query_view, raw.reference_view,
+                                  [item.__class__(item.path, item.lat, item.lon, item.location) for item in split.queries],
+                                  split.references, split.positives), (56, 56), (56, 56), wrong_headings=True)
+
+
+def test_wrong_headings_are_refused_where_no_heading_is_prepared(tmp_path):
+    from cvgl.train.config import TrainConfig, config_from_dict
+
+    base = TrainConfig().to_dict()
+    own = tmp_path / "own.csv"
+    own.write_text("query,reference\n")
+    for data, message in (({"wrong_headings": 16}, "must be in"), ({"wrong_headings": 2, "extra_pairs": str(own)}, "extra pairs"),
+                          ({"wrong_headings": 2, "kind": "cvusa", "root": str(tmp_path)}, "for ortho-pairs")):
+        with pytest.raises(InputError, match=message):
+            config_from_dict({**base, "data": {**base["data"], **data}})

@@ -69,6 +69,7 @@ SMALL_DATA = Recipe(
         ("paper recipe (block 12, last 4 blocks trained, random SALAD), same pairs and steps", "paper-recipe"),
         ("**GenGeo-S small-data: block 8, frozen, residual, token init, rotation jitter, 1024 pairs**", "gengeo-s"),
         ("- without query rotation jitter", "no-rotation-jitter"),
+        ("- with wrong-heading negatives (3 of each photo's 15 wrong headings)", "wrong-headings"),
         ("- blocks 5-8 trained (the paper's last 4)", "last4"),
         ("- blocks 5-8 trained, without rotation jitter", "last4-no-jitter"),
         ("- without the residual path", "no-residual"),
@@ -82,7 +83,7 @@ SMALL_DATA = Recipe(
         ("ablation: CLS head", "cls"),
         ("ablation: SALAD K=32", "k32"),
     ],
-    priority=["gengeo-s", "paper-recipe", "no-rotation-jitter", "last4-no-jitter", "last4", "no-residual", "random-init",
+    priority=["gengeo-s", "wrong-headings", "paper-recipe", "no-rotation-jitter", "last4-no-jitter", "last4", "no-residual", "random-init",
               "block-12", "pairs-256", "head-lr-1", "nonshared", "no-dustbin", "netvlad", "cls", "k32"],
 )
 RECIPES = {"paper": PAPER, "small-data": SMALL_DATA}

@@ -26,7 +26,8 @@ def build_dataset(config: TrainConfig, split: CrossViewSplit) -> PairDataset:
     kind = augment_kind(split)
     rotation = config.data.query_rotation_deg if kind == "aerial" else 0.0
     augment = PairedAugment(kind=kind, seed=config.seed, query_rotation_deg=rotation) if config.data.augment else None
-    return PairDataset(split, config.model.query_size, config.model.reference_size, augment)
+    return PairDataset(split, config.model.query_size, config.model.reference_size, augment,
+                       wrong_headings=config.data.wrong_headings > 0)
 
 
 def build_sampler(config: TrainConfig, split: CrossViewSplit, world: World) -> PairBatchSampler:

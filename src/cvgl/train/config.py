@@ -44,6 +44,9 @@ class DataConfig:
     test_x_range: tuple[float, float] = (0.5, 1.0)
     augment: bool = True
     query_rotation_deg: float = 0.0  # aerial pairs: turn the query alone by up to +-this (heading-unknown photos)
+    # ortho-pairs: also prepare each training photo at this many of its wrong headings (of locate's 16);
+    # each step scores one of them against every other tile as a negative (SymmetricInfoNCE ``wrong``).
+    wrong_headings: int = 0
     num_workers: int = 0
     pairs_dir: str = ""  # ortho-pairs: where the pairs are cut (default: RUN/pairs); runs of one ablation share it
 
@@ -169,18 +172,30 @@ def validate(config: TrainConfig, where: str) -> TrainConfig:
     return config
 
 
+def check_rasters(data: DataConfig, where: str) -> None:
+    """``data.rasters`` is empty (one direction) or names two or more different orthophotos."""
+    if data.rasters and (len(data.rasters) < 2 or len(set(data.rasters)) != len(data.rasters)):
+        raise InputError(f"{where}: data.rasters needs two or more different orthophotos of one area (got {len(data.rasters)})")
+
+
 def _check_ortho_inputs(data: DataConfig, where: str) -> None:
     """Orthophotos and extra pairs are checked here, before a model is built (which takes seconds)."""
     if data.kind != "ortho-pairs":
+        if data.wrong_headings:
+            raise InputError(f"{where}: data.wrong_headings is for ortho-pairs (photos cut with a known heading), not {data.kind}")
         return
-    if data.rasters and (len(data.rasters) < 2 or len(set(data.rasters)) != len(data.rasters)):
-        raise InputError(f"{where}: data.rasters needs two or more different orthophotos of one area (got {len(data.rasters)})")
+    check_rasters(data, where)
     named = [*(data.rasters or [data.query_raster, data.reference_raster])]
     for text in named:
         if not text.startswith("longmont:") and not Path(text).is_file():
             raise InputError(f"{text}: orthophoto not found (data.rasters / data.query_raster / data.reference_raster in {where})")
     if data.extra_pairs and not Path(data.extra_pairs).is_file():
         raise InputError(f"{data.extra_pairs}: pairs CSV not found (data.extra_pairs / --extra-pairs)")
+    if not 0 <= data.wrong_headings <= 15:
+        raise InputError(f"{where}: data.wrong_headings {data.wrong_headings} must be in [0, 15] (locate tries 16 headings)")
+    if data.wrong_headings and data.extra_pairs:
+        raise InputError(f"{where}: data.wrong_headings needs every training photo's heading; the extra pairs "
+                         f"({data.extra_pairs}) have none prepared; drop one of the two")
 
 
 def _check_loader_options(data: DataConfig, where: str) -> None:

@@ -16,6 +16,13 @@ queries). The gathered tensors must hold this process's own rows at ``[offset, o
 should carry gradients (``torch.distributed.nn.functional.all_gather``, or a plain all_gather
 with the local slice replaced by ``q``/``r``); the mean of the per-process losses then equals
 the single-process loss on the whole batch.
+
+**Wrong-heading negatives** (``wrong``, ``[B, D]``, optional): query ``i``'s photo turned to a
+heading it was not taken at. A heading-unknown ``locate`` answers with the best (heading, tile)
+score, so a wrong heading that finds some other tile is as bad as a wrong tile. Row ``i`` of the
+query-to-reference term also scores ``wrong_i`` against every reference except its own (a wrong
+heading on the right tile still gives the right place), so the right pair must beat both. The
+reference-to-query term is unchanged.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ MIN_SCALE = 1.0  # T <= 1
 
 
 class SymmetricInfoNCE(nn.Module):
-    """``forward(q, r, q_all=None, r_all=None, offset=0) -> scalar loss``."""
+    """``forward(q, r, q_all=None, r_all=None, offset=0, wrong=None) -> scalar loss``."""
 
     def __init__(self, init_temperature: float = 0.07, label_smoothing: float = 0.1) -> None:
         super().__init__()
@@ -52,6 +59,7 @@ class SymmetricInfoNCE(nn.Module):
         q_all: torch.Tensor | None = None,
         r_all: torch.Tensor | None = None,
         offset: int = 0,
+        wrong: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if q.shape != r.shape or q.ndim != 2:
             raise ValueError(f"q and r must both be [B, D], got {tuple(q.shape)} and {tuple(r.shape)}")
@@ -63,7 +71,14 @@ class SymmetricInfoNCE(nn.Module):
                 raise ValueError(f"{name} {tuple(gathered.shape)} cannot hold {batch} local rows at offset {offset}")
         targets = torch.arange(batch, device=q.device) + offset
         scale = self.scale
-        query_to_reference = F.cross_entropy(scale * q @ r_all.T, targets, label_smoothing=self.label_smoothing)
+        logits = scale * q @ r_all.T
+        if wrong is not None:
+            if wrong.shape != q.shape:
+                raise ValueError(f"wrong must be [B, D] like q {tuple(q.shape)}, got {tuple(wrong.shape)}")
+            others = ~F.one_hot(targets, r_all.shape[0]).bool()  # every reference but the photo's own
+            wrong_logits = (scale * wrong @ r_all.T)[others].view(batch, r_all.shape[0] - 1)
+            logits = torch.cat([logits, wrong_logits], dim=1)
+        query_to_reference = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
         reference_to_query = F.cross_entropy(scale * r @ q_all.T, targets, label_smoothing=self.label_smoothing)
         return (query_to_reference + reference_to_query) / 2
 

@@ -154,13 +154,17 @@ class Trainer:
     def _step(self, batch: dict) -> float:
         cfg = self.config.optim
         network = self.ddp or self.model
+        queries = batch["query"]
+        if "query_wrong" in batch:  # one forward for the photos and their wrong-heading versions
+            queries = torch.cat([queries, batch["query_wrong"]])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            query, reference = network(batch["query"], batch["reference"])
+            query, reference = network(queries, batch["reference"])
         query, reference = query.float(), reference.float()
+        query, wrong = query[: len(reference)], (query[len(reference):] if "query_wrong" in batch else None)
         q_all = gather_with_grad(query, self.world)
         r_all = gather_with_grad(reference, self.world)
         offset = self.world.rank * len(query)
-        loss = self.loss_fn(query, reference, q_all=q_all, r_all=r_all, offset=offset)
+        loss = self.loss_fn(query, reference, q_all=q_all, r_all=r_all, offset=offset, wrong=wrong)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.world.distributed:

@@ -56,6 +56,9 @@ class ViewItem:
     lat: float | None
     lon: float | None
     location: int
+    # Training only: the same photo prepared at headings it was not taken at (what a heading-unknown
+    # locate also tries); PairDataset(wrong_headings=True) scores one of them as a negative.
+    wrong_headings: tuple[Path, ...] = ()
 
 
 @dataclass
@@ -162,7 +165,9 @@ class PairDataset(Dataset):
 
     Sample ``i`` is pair ``split.pairs()[i]``: ``{"query": [3, Hq, Wq], "reference": [3, Hr, Wr]``
     (float in [0, 1]), ``"pair": i, "location": int, "lat": float, "lon": float}`` (nan when the
-    position is unknown). The augmentation is drawn from ``(seed, epoch, i)`` only, so it does
+    position is unknown). With ``wrong_headings=True`` it also holds ``"query_wrong"``: the query
+    photo prepared at one of its wrong headings (epoch ``e`` takes the ``e``-th, cycling), augmented
+    exactly as the query. The augmentation is drawn from ``(seed, epoch, i)`` only, so it does
     not depend on worker count or order and a resumed run sees the same pixels: call
     :meth:`set_epoch` before each epoch (DataLoader workers copy the dataset when they start, so
     keep ``persistent_workers=False``, the default, for the new epoch to reach them).
@@ -174,8 +179,14 @@ class PairDataset(Dataset):
         query_size: tuple[int, int],
         reference_size: tuple[int, int],
         augment: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+        wrong_headings: bool = False,
     ) -> None:
         self.split = split
+        self.wrong_headings = bool(wrong_headings)
+        if self.wrong_headings:
+            bare = [item.path for item in split.queries if not item.wrong_headings]
+            if bare:
+                raise ValueError(f"{split.name}: {len(bare)} queries (e.g. {bare[0]}) have no wrong-heading images")
         self.query_size = (int(query_size[0]), int(query_size[1]))
         self.reference_size = (int(reference_size[0]), int(reference_size[1]))
         self.augment = augment
@@ -196,9 +207,15 @@ class PairDataset(Dataset):
         q, r = self._pairs[index]
         query = load_resized(self.split.queries[q].path, self.query_size)
         reference = load_resized(self.split.references[r].path, self.reference_size)
+        wrong = None
+        if self.wrong_headings:
+            paths = self.split.queries[q].wrong_headings
+            wrong = load_resized(paths[self.epoch % len(paths)], self.query_size)
         if self.augment is not None:
+            if wrong is not None:  # the same draw (a pure function of epoch and index) as the query's
+                wrong, _ = self.augment(wrong, reference, epoch=self.epoch, index=int(index))
             query, reference = self.augment(query, reference, epoch=self.epoch, index=int(index))
-        return {
+        sample = {
             "query": query,
             "reference": reference,
             "pair": int(index),
@@ -206,6 +223,9 @@ class PairDataset(Dataset):
             "lat": float(self._lat[index]),
             "lon": float(self._lon[index]),
         }
+        if wrong is not None:
+            sample["query_wrong"] = wrong
+        return sample
 
 
 class ImageListDataset(Dataset):
