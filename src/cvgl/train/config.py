@@ -191,8 +191,13 @@ def _check_ortho_inputs(data: DataConfig, where: str) -> None:
             raise InputError(f"{text}: orthophoto not found (data.rasters / data.query_raster / data.reference_raster in {where})")
     if data.extra_pairs and not Path(data.extra_pairs).is_file():
         raise InputError(f"{data.extra_pairs}: pairs CSV not found (data.extra_pairs / --extra-pairs)")
-    if not 0 <= data.wrong_headings <= 15:
-        raise InputError(f"{where}: data.wrong_headings {data.wrong_headings} must be in [0, 15] (locate tries 16 headings)")
+    if data.wrong_headings:
+        from cvgl.preprocess import QueryOptions  # the heading grid locate searches (one home for its size)
+
+        rotations = QueryOptions().rotations
+        if not 0 < data.wrong_headings < rotations:
+            raise InputError(f"{where}: data.wrong_headings {data.wrong_headings} must be in [0, {rotations - 1}] "
+                             f"(locate tries {rotations} headings)")
     if data.wrong_headings and data.extra_pairs:
         raise InputError(f"{where}: data.wrong_headings needs every training photo's heading; the extra pairs "
                          f"({data.extra_pairs}) have none prepared; drop one of the two")
