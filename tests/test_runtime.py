@@ -271,6 +271,19 @@ class TestOpenVino:
         assert onnx.stat().st_mtime_ns == stamp  # cached: not exported again
         assert _cosines(again.encode(images), reference.encode(images)).min() > 0.99
 
+    def test_openvino_computes_the_tokens_and_torch_the_head(self, monkeypatch) -> None:
+        """OpenVINO's precision hint covers its whole graph: the graph ends at the head's layer
+        tokens, so a bf16 request leaves the pooling head float32 as it is on torch."""
+        encoder = _tiny(runtime="openvino")
+        runner = encoder._runner
+        assert len(runner._model.outputs) == 2 * len(encoder.head.layers)
+        calls = []
+        original = type(encoder.head).forward
+        monkeypatch.setattr(type(encoder.head), "forward", lambda head, tokens: calls.append(
+            {k: (v.cls.dtype, v.patches.dtype) for k, v in tokens.items()}) or original(head, tokens))
+        encoder.encode(_images(2))
+        assert calls and all(d == (torch.float32, torch.float32) for c in calls for d in c.values())
+
     def test_auto_runtime_measures_once_then_reads_the_record(self, monkeypatch) -> None:
         path = cache_dir() / runtime.CHOICE_FILE
         path.unlink(missing_ok=True)

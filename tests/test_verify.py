@@ -503,7 +503,12 @@ def test_aliked_batched_extraction_equals_one_image_at_a_time(ground, aliked):
     for image, feats in zip(images, batched):
         (single,) = matcher.extract([image])
         assert len(single) == len(feats) == 128
-        assert np.abs(single.keypoints - feats.keypoints).max() < 1e-3
-        assert np.abs(single.descriptors - feats.descriptors).max() < 1e-3
+        # The same keypoints as a set: a batch of 3 and of 1 run different CPU convolution kernels,
+        # whose last-bit differences can swap two near-tied scores (the order, or the 128th pick).
+        distance = np.linalg.norm(single.keypoints[:, None] - feats.keypoints[None], axis=-1)
+        nearest = distance.argmin(1)
+        same = distance[np.arange(len(single)), nearest] < 1e-3
+        assert same.mean() >= 0.95
+        assert np.abs(single.descriptors[same] - feats.descriptors[nearest[same]]).max() < 1e-3
     pairs = matcher.match(batched[0], batched[0])  # an image matched to itself: the identity
     assert len(pairs) > 64 and (pairs[:, 0] == pairs[:, 1]).mean() > 0.9

@@ -12,12 +12,15 @@ head stay float32 (GeM's cube and the L2 norms are where bf16's 8-bit mantissa w
 AVX512_BF16 (:func:`has_native_bf16`, from the CPU's flags), or a CUDA GPU that supports bf16 —
 and fp32 everywhere else, where bf16 would only be emulated (slower, and less exact).
 
-**Runtime.** ``torch`` is eager PyTorch (the reference). ``openvino`` runs the same encoder
-(normalisation + backbone + head, float32 graph) exported once per encoder identity to ONNX with
-``torch.onnx`` and cached under :func:`cvgl.models.weights.cache_dir` like the converted weights
-(``onnx/<key>/encoder.onnx``); OpenVINO compiles it for this CPU at the requested precision
-(``INFERENCE_PRECISION_HINT``), and keeps its compiled blobs in ``openvino/``, so only the first
-start pays the compile. The export is checked against torch on a fixed input before first use.
+**Runtime.** ``torch`` is eager PyTorch (the reference). ``openvino`` runs the same normalisation
+and backbone (float32 graph, its outputs the tokens of the head's layers) exported once per encoder
+identity to ONNX with ``torch.onnx`` and cached under :func:`cvgl.models.weights.cache_dir` like the
+converted weights (``onnx/<key>/encoder.onnx``); OpenVINO compiles it for this CPU at the requested
+precision (``INFERENCE_PRECISION_HINT``), and keeps its compiled blobs in ``openvino/``, so only the
+first start pays the compile. The head runs in torch float32 on OpenVINO's tokens, as it does after a
+bf16 torch backbone: OpenVINO's bf16 hint applies to the whole graph it is given, and a bf16 GeM
+(cube, mean, cube root) collapsed the tiny test encoder's descriptors to a constant vector on an AMX
+CPU. The export is checked against torch on a fixed input before first use.
 OpenVINO is an optional extra (``pip install 'cvgl[openvino]'``): asking for it without it installed
 is a one-line :class:`RuntimeUnavailableError`.
 
@@ -52,6 +55,7 @@ import torch
 
 from cvgl.errors import CvglError
 from cvgl.io import write_json_atomic
+from cvgl.models.backbone import LayerTokens
 from cvgl.models.encoder import Encoder
 from cvgl.models.weights import cache_dir
 
@@ -61,7 +65,7 @@ RUNTIMES = ("auto", "torch", "openvino")
 BF16_MATRIX_FLAGS = ("amx_bf16", "avx512_bf16")
 OPENVINO_HINTS = {"fp32": "f32", "bf16": "bf16"}
 #: Bump when the exported graph changes, so stale ONNX files in the cache are not reused.
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: the graph ends at the backbone's tokens; the head runs in torch
 EXPORT_TOLERANCE = 1e-4  # max |descriptor difference| between the ONNX graph (OpenVINO f32) and torch
 CHECK_BATCH = 4
 CHECK_ROUNDS = 3
@@ -139,15 +143,27 @@ def export_key(encoder: Encoder) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-class _TorchForward(torch.nn.Module):
-    """The encoder's eager float32 forward pass as a module for ``torch.onnx.export``."""
+class _TokensForward(torch.nn.Module):
+    """Normalisation + backbone (eager float32) as a module for ``torch.onnx.export``: the tokens
+    of the head's layers, flattened to ``(cls, patches)`` per layer in the head's order."""
 
     def __init__(self, encoder: Encoder) -> None:
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encoder.torch_forward(images)
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return flatten_tokens(self.encoder.tokens(images))
+
+
+def flatten_tokens(tokens: dict[int, LayerTokens]) -> tuple[torch.Tensor, ...]:
+    return tuple(t for layer in tokens.values() for t in (layer.cls, layer.patches))
+
+
+def unflatten_tokens(specs, outputs) -> dict[int, LayerTokens]:
+    """The inverse of :func:`flatten_tokens` for the head's layer ``specs``."""
+    if len(outputs) != 2 * len(specs):
+        raise ValueError(f"{len(outputs)} exported outputs for {len(specs)} layers")
+    return {spec: LayerTokens(outputs[2 * i], outputs[2 * i + 1]) for i, spec in enumerate(specs)}
 
 
 def check_input(encoder: Encoder, batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -166,8 +182,8 @@ def export_onnx(encoder: Encoder, path: Path) -> Path:
     batch = torch.export.Dim("batch", min=1, max=4096)
     with contextlib.redirect_stdout(sys.stderr), torch.inference_mode(False), torch.no_grad():
         program = torch.onnx.export(
-            _TorchForward(encoder).eval(), (check_input(encoder),), None, dynamo=True, verbose=False,
-            input_names=["images"], output_names=["descriptors"], dynamic_shapes={"images": {0: batch}},
+            _TokensForward(encoder).eval(), (check_input(encoder),), None, dynamo=True, verbose=False,
+            input_names=["images"], dynamic_shapes={"images": {0: batch}},
         )
         program.save(str(path))
     return path
@@ -176,16 +192,19 @@ def export_onnx(encoder: Encoder, path: Path) -> Path:
 class OpenVinoRunner:
     """An exported encoder compiled by OpenVINO for this CPU: float32 ``[B, 3, H, W]`` -> ``[B, D]``.
 
-    Compiled once per torch thread count (``torch.set_num_threads`` governs both runtimes), with
-    OpenVINO's model cache, so a later process loads the compiled blob instead of compiling.
-    One call at a time (an infer request is not re-entrant)."""
+    OpenVINO computes the tokens (at ``precision``); ``encoder``'s head pools them in torch
+    float32. Compiled once per torch thread count (``torch.set_num_threads`` governs both
+    runtimes), with OpenVINO's model cache, so a later process loads the compiled blob instead of
+    compiling. One call at a time (an infer request is not re-entrant)."""
 
-    def __init__(self, onnx_path: Path, precision: str) -> None:
+    def __init__(self, onnx_path: Path, precision: str, encoder: Encoder) -> None:
         try:
             import openvino as ov
         except ImportError:
             raise RuntimeUnavailableError(f"runtime 'openvino': not installed; {INSTALL_HINT}") from None
         self.precision = precision
+        self.head = encoder.head
+        self.specs = list(encoder.head.layers)
         self.version = ov.__version__
         self._core = ov.Core()
         self._core.set_property({"CACHE_DIR": str(cache_dir() / "openvino")})
@@ -210,8 +229,9 @@ class OpenVinoRunner:
         array = np.ascontiguousarray(images.detach().to("cpu", torch.float32).numpy())
         with self._lock:
             request = self._request(torch.get_num_threads())
-            out = request.infer({0: array})[0]
-        return torch.from_numpy(np.array(out, dtype=np.float32, copy=True))
+            result = request.infer({0: array})
+            outputs = [torch.from_numpy(np.array(result[i], dtype=np.float32, copy=True)) for i in range(len(result))]
+        return self.head(unflatten_tokens(self.specs, outputs))
 
 
 def onnx_path(encoder: Encoder) -> Path:
@@ -254,7 +274,8 @@ def export_difference(encoder: Encoder, exported: Path) -> float:
     images = check_input(encoder, batch=3, seed=1)
     with torch.inference_mode():
         reference = encoder.torch_forward(images).float()
-    got = OpenVinoRunner(exported, "fp32")(images)
+    with torch.inference_mode():
+        got = OpenVinoRunner(exported, "fp32", encoder)(images)
     return float((got - reference).abs().max())
 
 
@@ -394,7 +415,7 @@ def _openvino_choice(encoder: Encoder, precision: str, runtime: str, say: Callab
         if chosen == "torch":
             return None, chosen
     try:
-        return OpenVinoRunner(cached_onnx(encoder, say), precision), chosen
+        return OpenVinoRunner(cached_onnx(encoder, say), precision, encoder), chosen
     except Exception as exc:  # noqa: BLE001 - an encoder torch.onnx cannot export runs on torch
         detail = " ".join(str(exc).split())[:160]
         if runtime == "openvino":
