@@ -5,6 +5,9 @@ All on the 2-block, 32-wide random ViT/14 (``dinov2_tiny_test``, native grid 4x4
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -67,8 +70,8 @@ def test_size_not_multiple_of_patch_is_refused(model: DinoV2, size: tuple[int, i
 
 
 @pytest.mark.parametrize("size", [(56, 56), (42, 98), (28, 154)])
-def test_last_layer_equals_timm_forward_features(model: DinoV2, size: tuple[int, int]) -> None:
-    """The per-layer path (early stop, own token split) against timm's plain full forward."""
+def test_last_layer_equals_forward_features(model: DinoV2, size: tuple[int, int]) -> None:
+    """The per-layer path (early stop, own token split) against the plain full forward."""
     images = torch.randn(2, 3, *size)
     with torch.no_grad():
         full = model.forward_features(images)  # [B, 1 + N, C], after the final norm
@@ -216,3 +219,50 @@ def test_build_backbone_keeps_checkpoint_grid() -> None:
         a = source.eval().forward_layers(images, [-1])[2].patches
         b = loaded.forward_layers(images, [-1])[2].patches
     torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------ timm, the reference
+
+
+def _timm_reference(kwargs: dict):
+    from timm.layers import SwiGLUPacked
+    from timm.models.vision_transformer import VisionTransformer
+
+    kwargs = dict(kwargs)
+    if kwargs.pop("swiglu", False):
+        kwargs.update(mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU)
+    return VisionTransformer(num_classes=0, dynamic_img_size=True, **kwargs).eval()
+
+
+@pytest.mark.parametrize("extra", [{}, {"reg_tokens": 4, "no_embed_class": True}, {"mlp_ratio": 2.66667 * 2, "swiglu": True}],
+                         ids=["plain", "registers", "swiglu"])
+def test_forward_equals_timm_vision_transformer(extra: dict) -> None:
+    """Our module on a timm ``VisionTransformer``'s weights: the same parameter names and the same
+    tokens, at the native grid (timm's own position resize) and at another size (ours, through
+    timm's blocks and norm)."""
+    torch.manual_seed(3)
+    kwargs = {**arch_kwargs("dinov2_tiny_test"), **extra}
+    reference = _timm_reference(kwargs)
+    with torch.no_grad():  # the random init leaves positions and tokens tiny: make them count
+        for name in ("pos_embed", "cls_token", "reg_token"):
+            if getattr(reference, name, None) is not None:
+                getattr(reference, name).normal_()
+    state = reference.state_dict()
+    ours = DinoV2(**kwargs).eval()
+    ours.load_state_dict(state)
+    assert list(ours.state_dict()) == list(state)
+    images = torch.randn(2, 3, 56, 56)
+    other = torch.randn(2, 3, 42, 98)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.forward_features(images), reference.forward_features(images), rtol=0, atol=1e-6)
+        expected = reference.norm(reference.blocks(ours._pos_embed(reference.patch_embed(other))))
+        torch.testing.assert_close(ours.forward_features(other), expected, rtol=0, atol=1e-6)
+
+
+def test_building_an_encoder_imports_neither_timm_nor_torchvision() -> None:
+    """Both cost seconds on every command's start, and the encoder needs neither."""
+    code = ("import sys; from cvgl.models.factory import create_encoder; import cvgl.cli; "
+            "create_encoder('gem', 'random:dinov2_tiny_test', (56, 56)); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('timm', 'torchvision')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

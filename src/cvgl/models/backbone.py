@@ -1,11 +1,17 @@
-"""DINOv2 backbone: timm's VisionTransformer with any input size and per-layer token access.
+"""DINOv2 backbone: a plain ViT/14 in timm's parameter layout, any input size, per-layer tokens.
 
-Why a subclass and not ``timm.create_model``: (1) we load weights ourselves (embedded / file / hub,
-see :mod:`cvgl.models.weights`), (2) the position embedding is resized like Meta/Hugging Face DINOv2
-(bicubic, no antialias, to the exact token grid) so features match the reference implementation
-bit-for-bit at 224 px, where timm's default antialiased resize would not, and (3) hierarchical
-pooling needs the tokens of intermediate blocks, and stops running blocks after the deepest one
-it needs.
+Why our own module and not timm's ``VisionTransformer``: (1) importing timm imports torchvision
+(``timm.layers`` needs ``torchvision.ops``), 1.5-4 s on every ``cvgl`` start for a model that uses
+none of it; (2) we load weights ourselves (embedded / file / hub, see :mod:`cvgl.models.weights`),
+so timm's random initialisation of weights about to be overwritten is skipped too; (3) the
+position embedding is resized like Meta/Hugging Face DINOv2 (bicubic, no antialias, to the exact
+token grid) so features match the reference implementation bit-for-bit at 224 px, where timm's
+default antialiased resize would not; and (4) hierarchical pooling needs the tokens of
+intermediate blocks, and stops running blocks after the deepest one it needs.
+
+The module names and parameter names are timm's (``blocks.0.attn.qkv.weight``, ``ls1.gamma``, ...)
+so timm-layout checkpoints load as they are; ``tests/test_backbone.py`` checks the forward pass
+against timm's ``VisionTransformer`` (the reference) on the same weights.
 """
 
 from __future__ import annotations
@@ -14,8 +20,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from timm.layers import SwiGLUPacked
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from cvgl.errors import WeightsError
@@ -27,12 +31,12 @@ _SIZES: dict[str, dict] = {
     "s": dict(embed_dim=384, depth=12, num_heads=6),
     "b": dict(embed_dim=768, depth=12, num_heads=12),
     "l": dict(embed_dim=1024, depth=24, num_heads=16),
-    "g": dict(embed_dim=1536, depth=40, num_heads=24, mlp_ratio=2.66667 * 2, mlp_layer=SwiGLUPacked, act_layer=nn.SiLU),
+    "g": dict(embed_dim=1536, depth=40, num_heads=24, mlp_ratio=2.66667 * 2, swiglu=True),
 }
 
 
 def arch_kwargs(arch: str) -> dict:
-    """timm constructor arguments for ``dinov2_vit{s,b,l,g}14[_reg4]`` (and ``tiny`` for tests)."""
+    """:class:`DinoV2` arguments for ``dinov2_vit{s,b,l,g}14[_reg4]`` (and ``tiny`` for tests)."""
     if arch == "dinov2_tiny_test":  # a 2-block, 32-wide ViT/14 with random weights, for fast tests
         return dict(patch_size=PATCH, embed_dim=32, depth=2, num_heads=2, init_values=1e-5, img_size=56)
     if not (arch.startswith("dinov2_vit") and arch[10:11] in _SIZES and arch[11:13] == "14"):
@@ -51,11 +55,111 @@ class LayerTokens:
     patches: torch.Tensor
 
 
-class DinoV2(VisionTransformer):
+class PatchEmbed(nn.Module):
+    """Non-overlapping 14 px patches -> ``[B, h, w, C]`` (timm's ``PatchEmbed`` with NHWC output)."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.patch_size = (patch_size, patch_size)
+        self.grid_size = (img_size // patch_size, img_size // patch_size)  # the native position grid
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(images).permute(0, 2, 3, 1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(*qkv.unbind(0))
+        return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class Mlp(nn.Module):
+    """GELU MLP, or for ViT-g the packed SwiGLU (``fc1`` holds gate | value; SiLU on the first half)."""
+
+    def __init__(self, dim: int, hidden: int, swiglu: bool = False) -> None:
+        super().__init__()
+        self.swiglu = swiglu
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.SiLU() if swiglu else nn.GELU()
+        self.fc2 = nn.Linear(hidden // 2 if swiglu else hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc1(x)
+        if self.swiglu:
+            gate, value = x.chunk(2, dim=-1)
+            return self.fc2(self.act(gate) * value)
+        return self.fc2(self.act(x))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_values: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with layer scale (DINOv2's)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, init_values: float, swiglu: bool) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.ls1 = LayerScale(dim, init_values)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), swiglu)
+        self.ls2 = LayerScale(dim, init_values)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class DinoV2(nn.Module):
     """A DINOv2 ViT that accepts any H, W divisible by 14 and exposes intermediate tokens."""
 
-    def __init__(self, **kwargs) -> None:
-        super().__init__(num_classes=0, dynamic_img_size=True, **kwargs)
+    def __init__(self, patch_size: int = PATCH, embed_dim: int = 384, depth: int = 12, num_heads: int = 6,
+                 mlp_ratio: float = 4.0, init_values: float = 1e-5, img_size: int = 518, reg_tokens: int = 0,
+                 no_embed_class: bool = False, swiglu: bool = False, in_chans: int = 3) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.no_embed_class = no_embed_class
+        self.num_prefix_tokens = 1 + reg_tokens
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+        gh, gw = self.patch_embed.grid_size
+        self.pos_embed = nn.Parameter(torch.zeros(1, gh * gw + (0 if no_embed_class else self.num_prefix_tokens), embed_dim))
+        self.norm_pre = nn.Identity()
+        self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, mlp_ratio, init_values, swiglu) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        if self.cls_token.device.type != "meta":
+            self._init_random()
+
+    @torch.no_grad()
+    def _init_random(self) -> None:
+        """Random weights (tests, ``random:<arch>``), as ViT training starts: truncated normal
+        0.02 for linear layers and positions, 1e-6 for the class and register tokens, zero
+        biases; a checkpoint replaces every one of them (see :func:`build_backbone`)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for token in (self.cls_token, self.reg_token):
+            if token is not None:
+                nn.init.normal_(token, std=1e-6)
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         """Add position embeddings resized as DINOv2 does (bicubic, no antialias, exact grid)."""
@@ -77,6 +181,10 @@ class DinoV2(VisionTransformer):
             return torch.cat(prefix + [x + pos], dim=1)
         prefix[0] = prefix[0] + prefix_pos[:, :1]
         return torch.cat(prefix + [x + pos], dim=1)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Every block, then the final norm: ``[B, 1 + registers + N, C]``."""
+        return self.norm(self.blocks(self.norm_pre(self._pos_embed(self.patch_embed(images)))))
 
     @property
     def depth(self) -> int:
@@ -121,8 +229,8 @@ class DinoV2(VisionTransformer):
 def build_backbone(arch: str, state_dict: dict[str, torch.Tensor] | None = None) -> DinoV2:
     """Construct ``arch`` and load a timm-layout state dict (random init when None).
 
-    With a state dict the model is built on the ``meta`` device (shapes only: timm's random
-    initialisation of every weight, seconds for a ViT-S, is skipped) and the checkpoint's tensors
+    With a state dict the model is built on the ``meta`` device (shapes only: no random
+    initialisation of weights about to be replaced) and the checkpoint's tensors
     are assigned as its parameters, as float32; any parameter the checkpoint does not provide is
     refused, so no weight can stay uninitialised.
     """
