@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -42,7 +43,7 @@ from cvgl.verify.pose import (
     photo_corners,
     window_px_to_crs,
 )
-from cvgl.verify.stage import evaluate_fit
+from cvgl.verify.stage import evaluate_fit, turn_order
 
 UTM = "EPSG:32613"
 GSD = 0.5
@@ -420,6 +421,60 @@ def test_candidate_features_extract_each_missing_window_once(ground):
     calls.clear()
     verify_candidates(photo, [window(ground, 10 * i, 30, 100, f"e{i}") for i in range(3)], Counting())
     assert calls == [1, 1, 1, 1]
+
+
+def test_turn_order_puts_the_hinted_north_up_turn_first():
+    # view k = np.rot90(photo, k): turned clockwise by -90k degrees; heading h: turned clockwise by h
+    assert turn_order(4, None) == [0, 1, 2, 3]
+    assert turn_order(4, 0.0) == [0, 1, 3, 2]
+    assert turn_order(4, 90.0) == [3, 0, 2, 1]
+    assert turn_order(4, 200.0)[0] == 2 and turn_order(4, 250.0)[0] == 1 and turn_order(4, -80.0)[0] == 1
+    assert turn_order(1, 123.0) == [0]
+    assert turn_order(2, 100.0) == [1, 0]
+
+
+class _UprightSift:
+    """SIFT declared not rotation invariant (so verification turns the photo), counting calls."""
+
+    name, rotation_invariant = "upright-sift", False
+
+    def __init__(self) -> None:
+        self.sift = create_matcher("sift", max_keypoints=1500)
+        self.extracted: list[int] = []
+        self.matched = 0
+
+    def extract(self, images):
+        self.extracted.append(len(images))
+        return self.sift.extract(images)
+
+    def match(self, a, b):
+        self.matched += 1
+        return self.sift.match(a, b)
+
+
+def test_heading_hints_match_the_hinted_turn_first_and_the_rest_only_when_it_fails(ground):
+    photo_hw = (150, 150)
+    photo = photo_from(ground, heading_homography(90.0, 1.0, (260, 250), photo_hw), photo_hw)
+    free = PhotoGeometry(north_up=False)
+    every = VerifyConfig(stop_at_inliers=None)
+    wrong, right = window(textured_ground(7), 0, 0, 300, "wrong"), window(ground, 84, 84, 300, "right")
+    plain_matcher = _UprightSift()
+    plain = verify_candidates(photo, [wrong, right], plain_matcher, free, every)
+    assert plain_matcher.matched == 8 and plain[0].candidate_id == "right" and plain[0].verified
+    hinted_matcher = _UprightSift()
+    hinted = [replace(c, heading_hint_deg=90.0) for c in (wrong, right)]
+    records = verify_candidates(photo, hinted, hinted_matcher, free, every)
+    assert hinted_matcher.matched == 2  # one turn per candidate: the hinted turn verified
+    assert records[0].candidate_id == "right" and records[0].verified and records[0].photo_rotation_deg == 270.0
+    assert math.hypot(records[0].x - plain[0].x, records[0].y - plain[0].y) < 1.0
+    # Nothing verifies at the hinted turn: the other three are matched, as without hints.
+    lost = _UprightSift()
+    (record,) = verify_candidates(photo, [replace(wrong, heading_hint_deg=90.0)], lost, free, VerifyConfig())
+    assert lost.matched == 4 and sum(lost.extracted) == 1 + 4 and not record.verified  # the window, the 4 turns
+    # With an early stop the photo's turns are extracted as they are needed: the hinted one only.
+    lazy = _UprightSift()
+    verify_candidates(photo, [replace(right, heading_hint_deg=90.0)], lazy, free, VerifyConfig())
+    assert lazy.extracted == [1, 1]  # the window, then the photo at the hinted turn
 
 
 # ----------------------------------------------------------------------------- learned matchers

@@ -150,7 +150,9 @@ def answer_photo(
     evidence = retrieval_evidence(tile_scores, lat, lon, index.manifest.correct_radius_m)
     if refiner is not None and query.match_view is not None:
         ranked, _ = ranked_tiles(tile_scores)
-        refined = refiner.refine(query.match_view, [int(r) for r in ranked[: refiner.options.top_k]])
+        rows = [int(r) for r in ranked[: refiner.options.top_k]]
+        hints = [float(query.hypotheses[int(best_hyp[r])].heading_deg) for r in rows]
+        refined = refiner.refine(query.match_view, rows, hints)
         if refined.best is not None and refined.best.extras["row"] not in ranked[: options.top_k]:
             # the verified tile leads the evidence even when retrieval ranked it below the top-k shown
             row = int(refined.best.extras["row"])

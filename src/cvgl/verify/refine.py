@@ -112,17 +112,23 @@ class Refiner:
     def matcher_name(self) -> str:
         return getattr(self.matcher, "name", self.options.matcher)
 
-    def candidates(self, rows: list[int]) -> list[Candidate]:
+    def candidates(self, rows: list[int], heading_hints: list[float] | None = None) -> list[Candidate]:
         out = []
-        for row in rows:
+        for i, row in enumerate(rows):
             window = self.windows(row)
-            out.append(Candidate(window.window_id, window.image, window.transform, window.crs))
+            hint = None if heading_hints is None else float(heading_hints[i])
+            out.append(Candidate(window.window_id, window.image, window.transform, window.crs, hint))
         return out
 
-    def refine(self, view: MatchView, rows: list[int]) -> RefineResult:
-        """Verify the photo against the windows of tile ``rows`` (retrieval order)."""
+    def refine(self, view: MatchView, rows: list[int], heading_hints: list[float] | None = None) -> RefineResult:
+        """Verify the photo against the windows of tile ``rows`` (retrieval order).
+
+        ``heading_hints`` (a photo of unknown heading): per row, the heading hypothesis retrieval
+        scored best for that tile; the photo's 90-degree turn nearest it is matched first
+        (:func:`cvgl.verify.stage.turn_order`). Ignored when the heading is known."""
         started = time.perf_counter()
-        candidates = self.candidates(rows[: self.options.top_k])
+        hints = heading_hints[: self.options.top_k] if heading_hints is not None and view.heading_deg is None else None
+        candidates = self.candidates(rows[: self.options.top_k], hints)
         row_of = {c.candidate_id: int(r) for c, r in zip(candidates, rows)}
         records = self._verify(view, candidates, view.rectified_pitch_deg > 1.0 or view.pitch_known)
         pitch = None
