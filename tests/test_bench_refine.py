@@ -186,13 +186,15 @@ def test_real_section_renders_the_table_and_only_the_measured_targets() -> None:
 def test_record_seconds_notes_each_verification_and_keeps_its_result() -> None:
     from types import SimpleNamespace
 
-    class Stage:
-        def refine(self, view, rows):
-            return SimpleNamespace(seconds=0.25 * len(rows), rows=rows)
+    class Stage:  # Refiner.refine's signature
+        def refine(self, view, rows, heading_hints=None):
+            return SimpleNamespace(seconds=0.25 * len(rows), rows=rows, hints=heading_hints)
 
     stage = Stage()
     seconds = rb.record_seconds(stage)
-    assert stage.refine("view", [1, 2]).rows == [1, 2] and stage.refine("view", [1, 2, 3, 4]).seconds == 1.0
+    assert stage.refine("view", [1, 2]).rows == [1, 2] and stage.refine("view", [1, 2, 3, 4], [0.0] * 4).seconds == 1.0
+    assert stage.refine("view", [5], [90.0]).hints == [90.0]  # what locate passes reaches the stage
+    seconds.pop()
     assert seconds == [0.5, 1.0]
     again = rb.record_seconds(stage)  # wraps the class's method, not the previous wrapper
     stage.refine("view", [1])

@@ -294,8 +294,8 @@ def record_seconds(refiner) -> list[float]:
     seconds: list[float] = []
     original = type(refiner).refine.__get__(refiner)
 
-    def refine(view, rows):
-        result = original(view, rows)
+    def refine(*args, **kwargs):  # whatever locate passes (photo view, rows, heading hints)
+        result = original(*args, **kwargs)
         seconds.append(result.seconds)
         return result
 
@@ -308,6 +308,7 @@ def compare(paths: list[Path], truths: list[Truth], encoder, index, refiner, rad
     each photo's per-tile retrieval scores. ``refiner``: the verification stage (:class:`Refiner`)
     shared by every family of one index, so a window's features are extracted once per run, as
     in one ``cvgl locate`` batch; the answers do not depend on it (features are deterministic)."""
+    from cvgl.answer import Skipped
     from cvgl.locate import LocateOptions, locate_images
     from cvgl.verify.refine import RefineOptions
 
@@ -320,6 +321,9 @@ def compare(paths: list[Path], truths: list[Truth], encoder, index, refiner, rad
         answers, scores, _ = locate_images(paths, encoder, index, LocateOptions(refine=options), progress=False,
                                            refiner=refiner if mode == "on" else None)
         wall = time.perf_counter() - started
+        for answer in answers:  # a skipped photo scores as a miss: say why
+            if isinstance(answer, Skipped):
+                log(f"refine: {label} [{mode}] skipped: {answer.error}")
         if mode == "off":  # the same retrieval both ways: the ceiling is the top K the "on" run verifies
             ceiling = _ceilings(scores, truths, index, refiner.options.top_k, radius_m)
             retrieval = scores
