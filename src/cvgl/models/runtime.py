@@ -19,8 +19,8 @@ converted weights (``onnx/<key>/encoder.onnx``); OpenVINO compiles it for this C
 precision (``INFERENCE_PRECISION_HINT``), and keeps its compiled blobs in ``openvino/``, so only the
 first start pays the compile. The head runs in torch float32 on OpenVINO's tokens, as it does after a
 bf16 torch backbone: OpenVINO's bf16 hint applies to the whole graph it is given, and a bf16 GeM
-(cube, mean, cube root) collapsed the tiny test encoder's descriptors to a constant vector on an AMX
-CPU. The export is checked against torch on a fixed input before first use.
+(cube, mean, cube root) collapsed the tiny test encoder's descriptors to a constant vector on CI's
+bf16-capable CPU. The export is checked against torch on a fixed input before first use.
 OpenVINO is an optional extra (``pip install 'cvgl[openvino]'``): asking for it without it installed
 is a one-line :class:`RuntimeUnavailableError`.
 
@@ -47,7 +47,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -159,7 +159,7 @@ def flatten_tokens(tokens: dict[int, LayerTokens]) -> tuple[torch.Tensor, ...]:
     return tuple(t for layer in tokens.values() for t in (layer.cls, layer.patches))
 
 
-def unflatten_tokens(specs, outputs) -> dict[int, LayerTokens]:
+def unflatten_tokens(specs: Sequence[int], outputs: Sequence[torch.Tensor]) -> dict[int, LayerTokens]:
     """The inverse of :func:`flatten_tokens` for the head's layer ``specs``."""
     if len(outputs) != 2 * len(specs):
         raise ValueError(f"{len(outputs)} exported outputs for {len(specs)} layers")
@@ -274,7 +274,6 @@ def export_difference(encoder: Encoder, exported: Path) -> float:
     images = check_input(encoder, batch=3, seed=1)
     with torch.inference_mode():
         reference = encoder.torch_forward(images).float()
-    with torch.inference_mode():
         got = OpenVinoRunner(exported, "fp32", encoder)(images)
     return float((got - reference).abs().max())
 

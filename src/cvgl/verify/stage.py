@@ -58,8 +58,9 @@ class Candidate:
     transform: object
     crs: object
     # A photo of unknown heading: the heading retrieval scored best for this tile (the photo turned
-    # clockwise by it is north-up). The photo's 90-degree turn nearest it is matched first, and
-    # the other turns only when that one does not reach ``stop_at_inliers``. None: turns in order.
+    # clockwise by it is north-up). The photo's 90-degree turn nearest it is matched first, the
+    # other turns only when no candidate verifies at its hinted turn (:func:`verify_candidates`).
+    # None: every turn, in order.
     heading_hint_deg: float | None = None
 
 
